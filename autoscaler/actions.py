@@ -1,0 +1,74 @@
+"""The one wrapper every backend action goes through: dry-run, the log line, counters and latency."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from autoscaler.backends.base import Backend, BackendError
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import Decision, Direction
+
+__all__ = ["ActionResult", "Actuator"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """`ok` is True when the backend scaled (never in dry-run); `error` says why not otherwise."""
+
+    ok: bool
+    dry_run: bool
+    error: str | None
+    seconds: float
+
+
+class Actuator:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: Metrics,
+        *,
+        dry_run: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.dry_run = dry_run
+        self._clock = clock
+
+    def scale(self, pool: PoolPolicy, decision: Decision) -> ActionResult:
+        """Carry out a decision that changes the count; a hold is not an action and must not come here."""
+        direction = decision.direction
+        if direction is Direction.HOLD or decision.current is None or decision.desired is None:
+            raise ValueError(f"pool {pool.name}: nothing to act on ({decision.reason})")
+        log = logger.bind(pool=pool.name, current=decision.current, desired=decision.desired, direction=direction)
+        if self.dry_run:
+            log.info(
+                "dry-run: would scale {} from {} to {}: {}", pool.name, decision.current, decision.desired,
+                decision.reason,
+            )
+            self.metrics.actions.labels(pool.name, direction, "dry_run").inc()
+            return ActionResult(ok=False, dry_run=True, error=None, seconds=0.0)
+        started = self._clock()
+        try:
+            self.backend.scale(pool, current=decision.current, desired=decision.desired)
+        except BackendError as exc:
+            seconds = self._clock() - started
+            self.metrics.actions.labels(pool.name, direction, "error").inc()
+            self.metrics.backend_errors.labels(pool.name).inc()
+            log.bind(error=str(exc)).error(
+                "failed to scale {} from {} to {}: {}; holding", pool.name, decision.current, decision.desired, exc
+            )
+            return ActionResult(ok=False, dry_run=False, error=str(exc), seconds=seconds)
+        seconds = self._clock() - started
+        self.metrics.actions.labels(pool.name, direction, "ok").inc()
+        self.metrics.action_duration.labels(pool.name, direction).observe(seconds)
+        log.bind(seconds=round(seconds, 3)).info(
+            "scaled {} from {} to {} in {:.2f}s: {}", pool.name, decision.current, decision.desired, seconds,
+            decision.reason,
+        )
+        return ActionResult(ok=True, dry_run=False, error=None, seconds=seconds)

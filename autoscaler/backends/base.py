@@ -1,0 +1,50 @@
+"""The backend protocol: how many replicas a pool's target runs, and how to change that."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from autoscaler.policy.model import PoolPolicy
+
+__all__ = ["OWNER_LABEL", "Backend", "BackendError", "TargetStatus"]
+
+# The opt-in label a container or service must carry, with the pool's name as value, before any backend
+# touches it: a look-alike without it is never scaled.
+OWNER_LABEL = "autoscaler.pool"
+
+
+class BackendError(Exception):
+    """The backend could not answer or act (after its own retries); the pool holds and the loop goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetStatus:
+    """What a backend sees of a pool's target.
+
+    `running` counts replicas that run and are not being stopped. `ready` is False while an earlier
+    action is still in flight (containers starting or draining); the loop then holds the pool instead of
+    acting on a count that is about to change. `detail` is for logs and `status`.
+    """
+
+    running: int
+    ready: bool = True
+    detail: str = ""
+
+
+class Backend(Protocol):
+    def check(self, pool: PoolPolicy) -> None:
+        """Raise BackendError saying what is wrong if the pool's target is missing or not opted in."""
+        ...
+
+    def status(self, pool: PoolPolicy) -> TargetStatus:
+        """The target's current replicas; raises BackendError."""
+        ...
+
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+        """Bring the target from `current` to `desired` replicas; raises BackendError."""
+        ...
+
+    def close(self) -> None:
+        """Release clients."""
+        ...

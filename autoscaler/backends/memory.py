@@ -1,0 +1,40 @@
+"""An in-memory backend: replica counts in a dict. Used by the simulator and by tests of the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autoscaler.backends.base import BackendError, TargetStatus
+from autoscaler.policy.model import PoolPolicy
+
+__all__ = ["MemoryBackend"]
+
+
+@dataclass
+class MemoryBackend:
+    """Holds a replica count per target service; `fail_with` makes every call raise, as a dead daemon would."""
+
+    replicas: dict[str, int] = field(default_factory=dict)
+    actions: list[tuple[str, int, int]] = field(default_factory=list)
+    fail_with: str | None = None
+
+    def check(self, pool: PoolPolicy) -> None:
+        self._maybe_fail()
+        if pool.target.service not in self.replicas:
+            raise BackendError(f"{pool.target.kind} service {pool.target.service!r} does not exist")
+
+    def status(self, pool: PoolPolicy) -> TargetStatus:
+        self.check(pool)
+        return TargetStatus(running=self.replicas[pool.target.service])
+
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+        self.check(pool)
+        self.replicas[pool.target.service] = desired
+        self.actions.append((pool.name, current, desired))
+
+    def close(self) -> None:
+        return None
+
+    def _maybe_fail(self) -> None:
+        if self.fail_with is not None:
+            raise BackendError(self.fail_with)

@@ -1,0 +1,134 @@
+"""The `autoscaler` command: run, status, validate, schema (and simulate, for tuning)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from loguru import logger
+
+from autoscaler.observability.logs import configure_logging
+from autoscaler.policy.load import PolicyError, load_policy
+from autoscaler.policy.schema import policy_json_schema
+from autoscaler.settings import Settings
+
+__all__ = ["main"]
+
+_POLICY_HELP = "policy file (default: $AUTOSCALER_POLICY or policies/default.yaml)"
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="autoscaler")
+def main() -> None:
+    """Queue-driven autoscaler for Celery worker pools on Docker Compose and Swarm.
+
+    Settings come from environment variables prefixed AUTOSCALER_ (AUTOSCALER_REDIS_URL,
+    AUTOSCALER_POLICY, AUTOSCALER_DRY_RUN, ...); flags override them.
+    """
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check policy files; exit 0 if all are valid, else 1 with every problem (file:line: field: message)."""
+    failed = False
+    for path in files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            failed = True
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            continue
+        click.echo(f"{path}: ok ({len(policy.pools)} pools: {', '.join(p.name for p in policy.pools)})")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of policy files (editors use it to complete and check them)."""
+    click.echo(json.dumps(policy_json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help=_POLICY_HELP)
+@click.option("--dry-run/--no-dry-run", default=None, help="decide and log, never act (default: the policy's)")
+@click.option("--once", is_flag=True, help="run one tick and exit")
+@click.option("--interval", type=click.FloatRange(min=0.1), help="seconds between ticks (default: the policy's)")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="append each tick's observations as JSON lines")
+def run(
+    policy_path: str | None, dry_run: bool | None, once: bool, interval: float | None, record: Path | None
+) -> None:
+    """Run the controller: observe, decide and scale every interval until SIGTERM/SIGINT.
+
+    SIGHUP reloads the policy at once; a changed policy file is also picked up at the next tick. An
+    invalid edit is logged with its errors and the last good policy stays in force.
+    """
+    from autoscaler.wiring import build_controller  # noqa: PLC0415 - keeps `validate`/`schema` light
+
+    settings = _settings(policy=policy_path, dry_run=dry_run, interval=interval)
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    try:
+        app = build_controller(settings, record=record)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received {}; stopping after the current tick", signal.Signals(signum).name)
+        stop.set()
+        wake.set()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        logger.info("received SIGHUP; reloading the policy")
+        reload.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    app.run(stop=stop, reload=reload, wake=wake, once=once)
+
+
+@main.command()
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help=_POLICY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def status(policy_path: str | None, as_json: bool) -> None:
+    """Show each pool's queues, current and desired replicas and the reason, without acting."""
+    from autoscaler.wiring import preview  # noqa: PLC0415
+
+    settings = _settings(policy=policy_path)
+    configure_logging(fmt=settings.log_format, level="WARNING")
+    try:
+        report = preview(settings)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    if report.get("metric_error"):
+        click.echo(f"metric source: {report['metric_error']}")
+    for pool in report["pools"]:
+        current = "?" if pool["current"] is None else pool["current"]
+        click.echo(f"{pool['name']}: current={current} desired={pool['desired']}  {pool['reason']}")
+        for q in pool["queues"]:
+            latency = "unknown" if q["latency_s"] is None else f"{q['latency_s']:.1f}s"
+            click.echo(f"  {q['name']}: waiting={q['waiting']} unacked={q['unacked']} latency={latency}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,249 @@
+"""The reconcile loop: observe all pools -> read current replicas -> decide -> act (unless dry-run) -> record.
+
+Data flows one way. The metric source is read once per tick for every queue of every pool; the backend is
+asked for each pool's replicas; the pure `decide` turns each observation into a decision; the actuator
+carries out the ones that change a count; the pools' states go back to Redis in one write.
+
+Only the replica holding the leader lock acts. A standby polls the lock more often than the leader renews
+it, so it takes over within two intervals of the leader's death.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from loguru import logger
+
+from autoscaler.actions import ActionResult, Actuator
+from autoscaler.backends.base import Backend, BackendError, TargetStatus
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.decide import decide
+from autoscaler.policy.model import Policy, PoolPolicy
+from autoscaler.sources.base import MetricSource, SourceError
+from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
+
+__all__ = ["Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
+
+
+class StateStore(Protocol):
+    def load(self, pools: list[str]) -> dict[str, PoolState]: ...
+    def save(self, states: dict[str, PoolState]) -> None: ...
+
+
+class Lock(Protocol):
+    def acquire_or_renew(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class PolicySource(Protocol):
+    def poll(self, *, force: bool = False) -> tuple[Policy, str | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolReport:
+    decision: Decision
+    queues: tuple[QueueStats, ...]
+    action: ActionResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    role: str  # "leader" or "standby"
+    at: float
+    pools: tuple[PoolReport, ...] = ()
+    metric_error: str | None = None
+    policy_event: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Controller:
+    """One controller replica. `tick()` does one pass; `run_forever` drives it on the interval."""
+
+    policies: PolicySource
+    source: MetricSource
+    backend: Backend
+    store: StateStore
+    metrics: Metrics
+    lock: Lock | None = None
+    dry_run: bool | None = None  # None: the policy's own `dry_run` decides
+    clock: Callable[[], float] = time.time
+    states: dict[str, PoolState] | None = None
+    last_good_tick: float | None = None
+    role: str = "starting"
+    _checked: set[str] = field(default_factory=set)
+
+    def tick(self, *, force_reload: bool = False) -> TickReport:
+        started = self.clock()
+        policy, event = self.policies.poll(force=force_reload)
+        if event is not None:
+            self.metrics.policy_reloads.labels("ok" if event == "reloaded" else "invalid").inc()
+            self._checked.clear()  # report missing targets again on every reload
+        if not self._lead():
+            return TickReport(role="standby", at=started, policy_event=event)
+
+        if self.states is None:
+            self.states = self.store.load([p.name for p in policy.pools])
+        queues, metric_error = self._observe(policy)
+        dry_run = policy.dry_run if self.dry_run is None else self.dry_run
+        actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
+
+        reports = tuple(self._reconcile(pool, queues, metric_error, actuator, started) for pool in policy.pools)
+        self.store.save({r.decision.pool: r.decision.state for r in reports})
+        seconds = self.clock() - started
+        self.metrics.tick_duration.observe(seconds)
+        if metric_error is None:
+            self.last_good_tick = self.clock()
+            self.metrics.last_good_tick.set(self.last_good_tick)
+        return TickReport(
+            role="leader", at=started, pools=reports, metric_error=metric_error, policy_event=event, seconds=seconds
+        )
+
+    def _lead(self) -> bool:
+        lock_answered = True
+        if self.lock is None:
+            leader = True
+        else:
+            try:
+                leader = self.lock.acquire_or_renew()
+            except Exception as exc:  # noqa: BLE001 - any failure to prove leadership means: do not act
+                logger.bind(error=str(exc)).error("cannot reach the leader lock ({}); not acting this tick", exc)
+                leader, lock_answered = False, False
+        if leader != (self.role == "leader"):
+            logger.info("this replica is now {}", "the leader" if leader else "a standby")
+        if not leader:
+            self.states = None  # another replica acts; re-read its state if leadership comes back
+            if lock_answered:
+                self.last_good_tick = self.clock()  # a standby's good tick is a lock check that answered
+        self.role = "leader" if leader else "standby"
+        self.metrics.leader.set(1 if leader else 0)
+        return leader
+
+    def _observe(self, policy: Policy) -> tuple[dict[str, QueueStats], str | None]:
+        try:
+            queues = self.source.observe(policy.queues)
+        except SourceError as exc:
+            self.metrics.source_errors.inc()
+            logger.bind(error=str(exc)).error("metric source failed: {}; every pool holds this tick", exc)
+            return {}, str(exc)
+        self.metrics.observe_queues(queues.values())
+        return queues, None
+
+    def _status(self, pool: PoolPolicy) -> tuple[TargetStatus | None, str | None]:
+        try:
+            if pool.name not in self._checked:
+                self.backend.check(pool)
+                self._checked.add(pool.name)
+            return self.backend.status(pool), None
+        except BackendError as exc:
+            self.metrics.backend_errors.labels(pool.name).inc()
+            logger.bind(pool=pool.name, error=str(exc)).error("pool {}: {}; holding", pool.name, exc)
+            return None, str(exc)
+
+    def _reconcile(
+        self,
+        pool: PoolPolicy,
+        queues: dict[str, QueueStats],
+        metric_error: str | None,
+        actuator: Actuator,
+        now: float,
+    ) -> PoolReport:
+        assert self.states is not None
+        status, backend_error = self._status(pool)
+        pool_queues = tuple(queues[q] for q in pool.queues if q in queues)
+        observation = Observation(
+            queues=pool_queues,
+            current=status.running if status is not None else None,
+            metric_error=metric_error,
+            backend_error=backend_error,
+        )
+        decision = decide(pool, observation, self.states.get(pool.name, PoolState()), now)
+        if status is not None and not status.ready and decision.direction is not Direction.HOLD:
+            decision = replace(
+                decision, desired=decision.current, reason=f"{decision.reason}; waiting: {status.detail or 'busy'}"
+            )
+        action = None
+        if decision.direction is not Direction.HOLD:
+            action = actuator.scale(pool, decision)
+            if action.ok:
+                decision = replace(decision, state=decision.state.after_action(decision.direction, now))
+        self.states[pool.name] = decision.state
+        self.metrics.observe_decision(decision)
+        _log_decision(decision, pool_queues, action)
+        return PoolReport(decision=decision, queues=pool_queues, action=action)
+
+    def readiness(self, interval: float) -> tuple[bool, dict[str, Any]]:
+        """Ready when leader or standby and the last good tick is younger than three intervals."""
+        age = None if self.last_good_tick is None else max(0.0, self.clock() - self.last_good_tick)
+        ready = self.role in ("leader", "standby") and age is not None and age < 3 * interval
+        return ready, {"role": self.role, "last_good_tick_age_s": None if age is None else round(age, 3)}
+
+    def stop(self) -> None:
+        if self.lock is not None and self.role == "leader":
+            try:
+                self.lock.release()
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out; the lock expires anyway
+                logger.warning("could not release the leader lock: {}", exc)
+
+
+def _log_decision(decision: Decision, queues: tuple[QueueStats, ...], action: ActionResult | None) -> None:
+    fields: dict[str, Any] = {
+        "pool": decision.pool,
+        "current": decision.current,
+        "desired": decision.desired,
+        "direction": str(decision.direction),
+        "metric": decision.metric,
+        "reason": decision.reason,
+        "queues": {q.name: {"waiting": q.waiting, "unacked": q.unacked, "latency_s": q.latency_s} for q in queues},
+    }
+    if action is not None:
+        fields["action"] = "dry_run" if action.dry_run else ("ok" if action.ok else "error")
+    logger.bind(**fields).info(
+        "pool {} current={} desired={} metric={}: {}",
+        decision.pool, decision.current, decision.desired, decision.metric, decision.reason,
+    )
+
+
+def run_forever(
+    controller: Controller,
+    *,
+    interval: Callable[[], float],
+    stop: threading.Event,
+    reload: threading.Event,
+    wake: threading.Event | None = None,
+    once: bool = False,
+    on_tick: Callable[[TickReport], None] | None = None,
+) -> None:
+    """Tick on a fixed schedule until `stop` is set (between ticks, never inside one).
+
+    A standby polls four times per interval, so with the lock's expiry at 1.5 intervals it takes over
+    within 1.75 intervals of the leader's last renewal.
+    """
+    while not stop.is_set():
+        started = time.monotonic()
+        force = reload.is_set()
+        reload.clear()
+        try:
+            report = controller.tick(force_reload=force)
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive any one bad tick
+            logger.opt(exception=exc).error("tick failed: {}", exc)
+            report = None
+        if report is not None and on_tick is not None:
+            on_tick(report)
+        if once:
+            break
+        period = interval()
+        if report is not None and report.role == "standby":
+            period /= 4
+        # Signal handlers set `wake` (with `stop` or `reload`) so SIGTERM and SIGHUP act at once.
+        timeout = max(0.0, period - (time.monotonic() - started))
+        if wake is None:
+            stop.wait(timeout)
+        else:
+            wake.wait(timeout)
+            wake.clear()
+    controller.stop()

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the controller, on a registry of its own so tests can build many."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from autoscaler.types import Decision, QueueStats
+
+__all__ = ["Metrics"]
+
+_ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_waiting = Gauge(
+            "autoscaler_queue_waiting", "Messages waiting in the queue (priority sub-lists included)", ["queue"],
+            registry=r,
+        )
+        self.queue_unacked = Gauge(
+            "autoscaler_queue_unacked", "Messages delivered to workers and not yet acknowledged", ["queue"],
+            registry=r,
+        )
+        self.queue_latency = Gauge(
+            "autoscaler_queue_latency_seconds", "Age of the oldest waiting message; NaN when unknown", ["queue"],
+            registry=r,
+        )
+        self.pool_current = Gauge("autoscaler_pool_current_replicas", "Replicas running now", ["pool"], registry=r)
+        self.pool_desired = Gauge("autoscaler_pool_desired_replicas", "Replicas decided", ["pool"], registry=r)
+        self.pool_metric = Gauge("autoscaler_pool_metric", "The value the pool's strategy saw", ["pool"], registry=r)
+        self.actions = Counter(
+            "autoscaler_actions", "Scaling actions by pool, direction and result (ok, error, dry_run)",
+            ["pool", "direction", "result"], registry=r,
+        )
+        self.action_duration = Histogram(
+            "autoscaler_action_duration_seconds", "Time a backend took to act", ["pool", "direction"],
+            buckets=_ACTION_BUCKETS, registry=r,
+        )
+        self.tick_duration = Histogram(
+            "autoscaler_tick_duration_seconds", "Time one reconcile tick took", buckets=_TICK_BUCKETS, registry=r
+        )
+        self.source_errors = Counter(
+            "autoscaler_metric_source_errors", "Ticks whose metric read failed after retries", registry=r
+        )
+        self.backend_errors = Counter(
+            "autoscaler_backend_errors", "Backend status or action failures", ["pool"], registry=r
+        )
+        self.leader = Gauge("autoscaler_leader", "1 while this replica holds the leader lock", registry=r)
+        self.last_good_tick = Gauge(
+            "autoscaler_last_good_tick_timestamp_seconds", "When the last tick that read metrics finished",
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "autoscaler_policy_reloads", "Policy file reloads by result (ok, invalid)", ["result"], registry=r
+        )
+
+    def observe_queues(self, queues: Iterable[QueueStats]) -> None:
+        for q in queues:
+            self.queue_waiting.labels(q.name).set(q.waiting)
+            self.queue_unacked.labels(q.name).set(q.unacked)
+            self.queue_latency.labels(q.name).set(math.nan if q.latency_s is None else q.latency_s)
+
+    def observe_decision(self, decision: Decision) -> None:
+        if decision.current is not None:
+            self.pool_current.labels(decision.pool).set(decision.current)
+        if decision.desired is not None:
+            self.pool_desired.labels(decision.pool).set(decision.desired)
+        self.pool_metric.labels(decision.pool).set(math.nan if decision.metric is None else decision.metric)

@@ -1,0 +1,168 @@
+"""The decision core: `decide(pool, observation, state, now) -> Decision`. Pure; the clock is passed in.
+
+One decision, in order::
+
+    paused? ── yes ─> hold
+    current unknown? ── yes ─> hold (nothing to act on)
+    metric unavailable? ── yes ─> hold, or the fixed fallback count after N failed ticks
+    current outside min..max? ── yes ─> straight to the nearest bound
+    strategy -> recommendation (clamped to min..max), appended to the history
+      above current: sustained (lowest recommendation over `sustain`) -> up-cooldown -> step limit
+      below current: stabilized (highest recommendation over `stabilization`) -> scale-in paused?
+                     -> down-cooldown -> step limit
+      equal: hold
+
+Cooldowns: a scale-up waits `cooldown.up` after the previous scale-up only, so a scale-up during a
+scale-down cooldown acts at once; a scale-down waits `cooldown.down` after any action, so a pool that
+just grew is not shrunk straight away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from autoscaler.policy.model import Metric, PoolPolicy, format_duration
+from autoscaler.policy.strategies import recommend
+from autoscaler.types import Decision, Observation, PoolState
+
+__all__ = ["decide", "metric_value", "prune_history", "window_values"]
+
+
+def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: float) -> Decision:
+    """Decide how many replicas `pool` should run; the returned state is what to remember next tick.
+
+    The state does not record the action itself: the caller does that with `PoolState.after_action`
+    once the backend has actually scaled, so a failed or dry-run action starts no cooldown.
+    """
+    current = observation.current
+    history = prune_history(state.recommendations, now, _longest_window(pool))
+    state = replace(state, recommendations=history)
+
+    def hold(reason: str, new_state: PoolState = state, **extra: object) -> Decision:
+        return Decision(pool.name, current, current, reason, new_state, **extra)  # type: ignore[arg-type]
+
+    if not pool.enabled:
+        return hold("paused (enabled: false)")
+
+    metric, why_unavailable = metric_value(pool, observation)
+    if metric is None:
+        failures = state.consecutive_failures + 1
+        failed = replace(state, consecutive_failures=failures)
+        fallback = pool.on_metric_failure
+        if current is not None and fallback.action == "fixed" and failures >= fallback.after:
+            assert fallback.replicas is not None  # validated by the model
+            return Decision(
+                pool.name,
+                current,
+                fallback.replicas,
+                f"metric unavailable for {failures} ticks ({why_unavailable}): fallback to {fallback.replicas}",
+                failed,
+            )
+        return hold(f"metric unavailable ({why_unavailable}): holding", failed)
+
+    state = replace(state, consecutive_failures=0)
+    if current is None:
+        return hold(f"current replicas unknown ({observation.backend_error or 'no answer'}): holding", metric=metric)
+
+    raw, explanation = recommend(pool, metric, current)
+    recommendation = min(max(raw, pool.min), pool.max)
+    if recommendation != raw:
+        explanation += f" (kept within min..max {pool.min}..{pool.max})"
+    history = (*history, (now, recommendation))
+    state = replace(state, recommendations=history)
+
+    def result(desired: int, reason: str) -> Decision:
+        return Decision(pool.name, current, desired, reason, state, metric=metric, recommendation=recommendation)
+
+    if current < pool.min:
+        return result(pool.min, f"{current} is below min {pool.min}")
+    if current > pool.max:
+        return result(pool.max, f"{current} is above max {pool.max}")
+    if recommendation > current:
+        return result(*_scale_up(pool, state, now, current, recommendation, explanation))
+    if recommendation < current:
+        return result(*_scale_down(pool, state, now, current, recommendation, explanation))
+    return result(current, explanation)
+
+
+def _scale_up(
+    pool: PoolPolicy, state: PoolState, now: float, current: int, recommendation: int, explanation: str
+) -> tuple[int, str]:
+    sustained = min(window_values(state.recommendations, now, pool.sustain, current))
+    if sustained <= current:
+        return current, f"{explanation}; not yet sustained for {format_duration(pool.sustain)}"
+    last = state.last_scale_up
+    if last is not None and now - last < pool.cooldown.up:
+        left = pool.cooldown.up - (now - last)
+        return current, f"{explanation}; up-cooldown, {format_duration(round(left, 1))} left"
+    desired = sustained if pool.max_step.up is None else min(sustained, current + pool.max_step.up)
+    step = f" (step limit {pool.max_step.up})" if desired < sustained else ""
+    return desired, f"{explanation}{step}"
+
+
+def _scale_down(
+    pool: PoolPolicy, state: PoolState, now: float, current: int, recommendation: int, explanation: str
+) -> tuple[int, str]:
+    stabilized = max(window_values(state.recommendations, now, pool.stabilization, current))
+    if stabilized >= current:
+        return current, (
+            f"{explanation}; stabilization: highest recommendation in the last "
+            f"{format_duration(pool.stabilization)} is {stabilized}"
+        )
+    if not pool.scale_in:
+        return current, f"{explanation}; scale-in paused (scale_in: false)"
+    actions = [t for t in (state.last_scale_up, state.last_scale_down) if t is not None]
+    if actions and now - max(actions) < pool.cooldown.down:
+        left = pool.cooldown.down - (now - max(actions))
+        return current, f"{explanation}; down-cooldown, {format_duration(round(left, 1))} left"
+    desired = stabilized if pool.max_step.down is None else max(stabilized, current - pool.max_step.down)
+    step = f" (step limit {pool.max_step.down})" if desired > stabilized else ""
+    stable = f" (stabilized at {stabilized})" if stabilized != recommendation else ""
+    return desired, f"{explanation}{stable}{step}"
+
+
+def metric_value(pool: PoolPolicy, observation: Observation) -> tuple[float | None, str]:
+    """The number the pool's strategy looks at, or (None, why) when it cannot be known."""
+    if observation.metric_error is not None:
+        return None, observation.metric_error
+    wanted = set(pool.queues)
+    stats = [q for q in observation.queues if q.name in wanted]
+    missing = wanted - {q.name for q in stats}
+    if missing:
+        return None, f"no reading for queue(s) {', '.join(sorted(missing))}"
+    if pool.metric is Metric.WAITING:
+        return float(sum(q.waiting for q in stats)), ""
+    if pool.metric is Metric.WAITING_UNACKED:
+        return float(sum(q.waiting + q.unacked for q in stats)), ""
+    unknown = [q.name for q in stats if q.latency_s is None]
+    if unknown:
+        return None, f"latency unknown for {', '.join(unknown)} (messages carry no publish-time stamp)"
+    return max((q.latency_s or 0.0) for q in stats), ""
+
+
+def window_values(history: tuple[tuple[float, int], ...], now: float, window: float, current: int) -> list[int]:
+    """Recommendations that apply within `window` seconds before `now`.
+
+    The newest one older than the window counts too (it was still in force when the window opened).
+    When the history does not reach back that far, the current count stands in for the missing part:
+    an upward move then needs `sustain` of evidence, and a fresh controller does not shrink a pool on
+    its first tick.
+    """
+    if window <= 0:
+        return [history[-1][1]] if history else [current]
+    start = now - window
+    inside = [n for t, n in history if t > start]
+    before = [n for t, n in history if t <= start]
+    return [*(before[-1:] if before else [current]), *inside]
+
+
+def prune_history(history: tuple[tuple[float, int], ...], now: float, keep: float) -> tuple[tuple[float, int], ...]:
+    """Drop recommendations no window needs, keeping the newest one older than `keep` (see window_values)."""
+    start = now - keep
+    older = [i for i, (t, _) in enumerate(history) if t <= start]
+    first = older[-1] if older else 0
+    return tuple(history[first:])
+
+
+def _longest_window(pool: PoolPolicy) -> float:
+    return max(pool.sustain, pool.stabilization)

@@ -1,0 +1,52 @@
+"""Per-pool state in Redis, so a restarted or newly elected controller keeps every cooldown and window."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import redis
+from loguru import logger
+
+from autoscaler.types import PoolState
+
+__all__ = ["RedisStateStore"]
+
+
+class RedisStateStore:
+    """One JSON document per pool under `{prefix}state:{pool}`; read once when leadership starts,
+    written in one pipeline at the end of each tick."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "autoscaler:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def key(self, pool: str) -> str:
+        return f"{self._prefix}state:{pool}"
+
+    def load(self, pools: Iterable[str]) -> dict[str, PoolState]:
+        """Stored state per pool; a missing or malformed record starts fresh (and says so)."""
+        names = list(pools)
+        if not names:
+            return {}
+        raw = self._client.mget([self.key(n) for n in names])
+        states: dict[str, PoolState] = {}
+        for name, value in zip(names, raw, strict=True):
+            if value is None:
+                states[name] = PoolState()
+                continue
+            try:
+                states[name] = PoolState.from_json(value)
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning(
+                    "pool {}: stored state at {} is malformed ({}); starting it fresh", name, self.key(name), exc
+                )
+                states[name] = PoolState()
+        return states
+
+    def save(self, states: Mapping[str, PoolState]) -> None:
+        if not states:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for name, state in states.items():
+            pipe.set(self.key(name), state.to_json())
+        pipe.execute()

@@ -1,0 +1,120 @@
+"""Plain data shared by every layer: what a source observed, what a pool remembers, what was decided.
+
+Data flows one way: a metric source produces `QueueStats`, the loop adds the backend's replica count to
+make an `Observation`, the pure policy core turns it into a `Decision`, and a backend acts on that.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["Decision", "Direction", "Observation", "PoolState", "QueueStats"]
+
+
+class Direction(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    HOLD = "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One Celery queue as read from the broker.
+
+    `latency_s` is the age of the oldest waiting message; None means unknown (messages without a
+    publish-time stamp), which is not the same as 0 (nothing waiting).
+    """
+
+    name: str
+    waiting: int
+    unacked: int = 0
+    latency_s: float | None = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """Everything the decision for one pool may look at in one tick.
+
+    `metric_error` is set when the metric source failed; `current` is None when the backend could not
+    say how many replicas run (then `backend_error` says why).
+    """
+
+    queues: tuple[QueueStats, ...]
+    current: int | None
+    metric_error: str | None = None
+    backend_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """What a pool remembers between ticks; persisted in Redis so a restarted controller keeps it.
+
+    `recommendations` holds (time, replicas) pairs, pruned to the longest window the policy looks at.
+    """
+
+    last_scale_up: float | None = None
+    last_scale_down: float | None = None
+    recommendations: tuple[tuple[float, int], ...] = ()
+    consecutive_failures: int = 0
+
+    def after_action(self, direction: Direction, now: float) -> PoolState:
+        """The state once a scaling action in `direction` has succeeded at `now`."""
+        if direction is Direction.UP:
+            return replace(self, last_scale_up=now)
+        if direction is Direction.DOWN:
+            return replace(self, last_scale_down=now)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "last_scale_up": self.last_scale_up,
+                "last_scale_down": self.last_scale_down,
+                "recommendations": [list(r) for r in self.recommendations],
+                "consecutive_failures": self.consecutive_failures,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PoolState:
+        """Parse a stored state; raises ValueError on anything malformed."""
+        raw: Any = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("pool state must be a JSON object")
+        recs = tuple((float(t), int(n)) for t, n in raw.get("recommendations", []))
+        up, down = raw.get("last_scale_up"), raw.get("last_scale_down")
+        return cls(
+            last_scale_up=None if up is None else float(up),
+            last_scale_down=None if down is None else float(down),
+            recommendations=recs,
+            consecutive_failures=int(raw.get("consecutive_failures", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one decision: the count to reach and why, plus the pool's next state.
+
+    `desired == current` means hold. `metric` is the value the strategy saw (None when unavailable),
+    `recommendation` what the strategy asked for before cooldowns, stabilization and step limits.
+    """
+
+    pool: str
+    current: int | None
+    desired: int | None
+    reason: str
+    state: PoolState
+    metric: float | None = None
+    recommendation: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> Direction:
+        if self.current is None or self.desired is None or self.desired == self.current:
+            return Direction.HOLD
+        return Direction.UP if self.desired > self.current else Direction.DOWN

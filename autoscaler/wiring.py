@@ -1,0 +1,162 @@
+"""Builds the running controller from settings: the one place that knows every concrete part."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from loguru import logger
+
+from autoscaler.backends.base import Backend, BackendError
+from autoscaler.leader import LeaderLock
+from autoscaler.loop import Controller, run_forever
+from autoscaler.observability.http import HealthServer
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.decide import decide
+from autoscaler.policy.model import Policy
+from autoscaler.policy.watch import PolicyWatcher
+from autoscaler.record import TraceRecorder
+from autoscaler.settings import Settings
+from autoscaler.sources.base import SourceError
+from autoscaler.sources.celery_redis import CeleryRedisSource
+from autoscaler.state_store import RedisStateStore
+from autoscaler.types import Observation, PoolState, QueueStats
+
+__all__ = ["App", "build_backend", "build_controller", "preview"]
+
+# Expiry of the leader lock in intervals: the leader renews every interval, a standby polls every quarter
+# interval, so a standby takes over within 1.75 intervals of the leader's last renewal.
+LEADER_TTL_INTERVALS = 1.5
+
+
+@dataclass
+class App:
+    controller: Controller
+    settings: Settings
+    watcher: PolicyWatcher
+    recorder: TraceRecorder | None
+
+    def interval(self) -> float:
+        return self.settings.interval or self.watcher.policy.interval
+
+    def run(self, *, stop: threading.Event, reload: threading.Event, wake: threading.Event, once: bool) -> None:
+        server = None
+        if self.settings.metrics_port and not once:
+            server = HealthServer(
+                host=self.settings.metrics_host,
+                port=self.settings.metrics_port,
+                metrics=self.controller.metrics,
+                readiness=lambda: self.controller.readiness(self.interval()),
+            )
+            server.start()
+            logger.info("metrics and health on {}:{}", self.settings.metrics_host, server.port)
+        policy = self.watcher.policy
+        dry_run = self.controller.dry_run if self.controller.dry_run is not None else policy.dry_run
+        logger.info(
+            "controller {} starting: {} pools, interval {}s{}",
+            self.settings.instance_id, len(policy.pools), self.interval(), ", DRY-RUN" if dry_run else "",
+        )
+        try:
+            run_forever(
+                self.controller, interval=self.interval, stop=stop, reload=reload, wake=wake, once=once,
+                on_tick=self.recorder.write if self.recorder else None,
+            )
+        finally:
+            if server is not None:
+                server.stop()
+            if self.recorder is not None:
+                self.recorder.close()
+            self.controller.source.close()
+            self.controller.backend.close()
+
+
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
+
+
+def build_backend(settings: Settings, state_client: redis.Redis) -> Backend:
+    """The Docker backends (Compose and Swarm) behind one router."""
+    from autoscaler.backends.wiring import docker_backend  # noqa: PLC0415 - docker-py is only needed here
+
+    return docker_backend(settings, state_client)
+
+
+def build_controller(settings: Settings, *, record: Path | None = None) -> App:
+    watcher = PolicyWatcher(settings.policy)
+    policy = watcher.policy
+    state_client = _redis(settings.state_redis_url or settings.redis_url)
+    interval = settings.interval or policy.interval
+    controller = Controller(
+        policies=watcher,
+        source=CeleryRedisSource(url=settings.redis_url, broker=policy.broker),
+        backend=build_backend(settings, state_client),
+        store=RedisStateStore(state_client, prefix=settings.state_prefix),
+        metrics=Metrics(),
+        lock=LeaderLock(
+            state_client,
+            key=f"{settings.state_prefix}leader",
+            instance_id=settings.instance_id,
+            ttl=settings.leader_ttl or LEADER_TTL_INTERVALS * interval,
+        ),
+        dry_run=settings.dry_run,
+    )
+    return App(controller=controller, settings=settings, watcher=watcher, recorder=TraceRecorder(record) if record else None)
+
+
+def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, Any]:
+    """What the controller would decide now, without acting or taking the lock (for `status`)."""
+    import time  # noqa: PLC0415
+
+    watcher = PolicyWatcher(settings.policy)
+    policy: Policy = watcher.policy
+    state_client = _redis(settings.state_redis_url or settings.redis_url)
+    source = CeleryRedisSource(url=settings.redis_url, broker=policy.broker)
+    metric_error: str | None = None
+    try:
+        queues = source.observe(policy.queues)
+    except SourceError as exc:
+        queues, metric_error = {}, str(exc)
+    try:
+        states = RedisStateStore(state_client, prefix=settings.state_prefix).load([p.name for p in policy.pools])
+    except redis.RedisError:
+        states = {}
+    if backend is None:
+        try:
+            backend = build_backend(settings, state_client)
+        except BackendError as exc:
+            logger.warning("no backend: {}", exc)
+    now = time.time()
+    pools: list[dict[str, Any]] = []
+    for pool in policy.pools:
+        current: int | None = None
+        backend_error: str | None = None
+        if backend is not None:
+            try:
+                current = backend.status(pool).running
+            except BackendError as exc:
+                backend_error = str(exc)
+        else:
+            backend_error = "no backend"
+        stats = tuple(queues[q] for q in pool.queues if q in queues)
+        observation = Observation(stats, current, metric_error=metric_error, backend_error=backend_error)
+        decision = decide(pool, observation, states.get(pool.name, PoolState()), now)
+        pools.append(
+            {
+                "name": pool.name,
+                "current": current,
+                "desired": decision.desired,
+                "reason": decision.reason,
+                "queues": [_queue_json(q) for q in stats],
+            }
+        )
+    source.close()
+    if backend is not None:
+        backend.close()
+    return {"pools": pools, "metric_error": metric_error}
+
+
+def _queue_json(q: QueueStats) -> dict[str, Any]:
+    return {"name": q.name, "waiting": q.waiting, "unacked": q.unacked, "latency_s": q.latency_s}
