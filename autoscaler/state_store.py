@@ -9,7 +9,7 @@ from loguru import logger
 
 from autoscaler.types import PoolState
 
-__all__ = ["RedisStateStore"]
+__all__ = ["MemoryStateStore", "RedisStateStore"]
 
 
 class RedisStateStore:
@@ -50,3 +50,16 @@ class RedisStateStore:
         for name, state in states.items():
             pipe.set(self.key(name), state.to_json())
         pipe.execute()
+
+
+class MemoryStateStore:
+    """State kept in this process only: for the simulator, which replays on simulated time."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, PoolState] = {}
+
+    def load(self, pools: Iterable[str]) -> dict[str, PoolState]:
+        return {name: self.states.get(name, PoolState()) for name in pools}
+
+    def save(self, states: Mapping[str, PoolState]) -> None:
+        self.states.update(states)
