@@ -24,6 +24,7 @@ from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import Policy, PoolPolicy
 from autoscaler.sources.base import MetricSource, SourceError
+from autoscaler.state_store import StateStoreError
 from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
 
 __all__ = ["Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
@@ -87,13 +88,22 @@ class Controller:
             return TickReport(role="standby", at=started, policy_event=event)
 
         if self.states is None:
-            self.states = self.store.load([p.name for p in policy.pools])
+            try:
+                self.states = self.store.load([p.name for p in policy.pools])
+            except StateStoreError as exc:
+                # Cooldowns and windows unknown: acting now could flap a pool that just scaled.
+                logger.bind(error=str(exc)).error("{}; not acting this tick", exc)
+                return TickReport(role="leader", at=started, metric_error=str(exc), policy_event=event)
         queues, metric_error = self._observe(policy)
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
         actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
 
         reports = tuple(self._reconcile(pool, queues, metric_error, actuator, started) for pool in policy.pools)
-        self.store.save({r.decision.pool: r.decision.state for r in reports})
+        try:
+            self.store.save({r.decision.pool: r.decision.state for r in reports})
+        except StateStoreError as exc:
+            # Kept in memory; the next successful write catches up. Only a restart in between loses it.
+            logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)
         seconds = self.clock() - started
         self.metrics.tick_duration.observe(seconds)
         if metric_error is None:

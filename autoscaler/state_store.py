@@ -9,7 +9,11 @@ from loguru import logger
 
 from autoscaler.types import PoolState
 
-__all__ = ["MemoryStateStore", "RedisStateStore"]
+__all__ = ["MemoryStateStore", "RedisStateStore", "StateStoreError"]
+
+
+class StateStoreError(Exception):
+    """Pool state could not be read or written; the loop does not act on state it could not read."""
 
 
 class RedisStateStore:
@@ -28,7 +32,10 @@ class RedisStateStore:
         names = list(pools)
         if not names:
             return {}
-        raw = self._client.mget([self.key(n) for n in names])
+        try:
+            raw = self._client.mget([self.key(n) for n in names])
+        except redis.RedisError as exc:
+            raise StateStoreError(f"cannot read pool state from Redis: {exc}") from exc
         states: dict[str, PoolState] = {}
         for name, value in zip(names, raw, strict=True):
             if value is None:
@@ -49,7 +56,10 @@ class RedisStateStore:
         pipe = self._client.pipeline(transaction=False)
         for name, state in states.items():
             pipe.set(self.key(name), state.to_json())
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StateStoreError(f"cannot write pool state to Redis: {exc}") from exc
 
 
 class MemoryStateStore:

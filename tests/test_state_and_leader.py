@@ -1,0 +1,129 @@
+"""Controller state in a real Redis: per-pool state, the leader lock, and the policy watcher."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from autoscaler.leader import LeaderLock
+from autoscaler.observability.http import HealthServer
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.watch import PolicyWatcher
+from autoscaler.state_store import RedisStateStore
+from autoscaler.types import PoolState
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.redis
+
+
+def test_state_round_trips_through_redis(redis_url: str) -> None:
+    """Saved pool states read back identical; pools never saved start fresh."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStateStore(client, prefix="t:")
+    state = PoolState(last_scale_up=10.0, recommendations=((1.0, 2), (2.0, 5)), consecutive_failures=1)
+    store.save({"fast": state})
+    assert store.load(["fast", "cpu"]) == {"fast": state, "cpu": PoolState()}
+
+
+def test_malformed_state_starts_fresh(redis_url: str) -> None:
+    """A corrupted state record does not stop the controller: that pool starts fresh."""
+    client = redis.Redis.from_url(redis_url)
+    client.set("t:state:fast", "{not json")
+    client.set("t:state:cpu", json.dumps({"recommendations": [["x", 1]]}))
+    assert RedisStateStore(client, prefix="t:").load(["fast", "cpu"]) == {"fast": PoolState(), "cpu": PoolState()}
+
+
+def test_only_one_leader_and_takeover_after_expiry(redis_url: str) -> None:
+    """Two replicas never both hold the lock; a standby takes over once the leader stops renewing."""
+    client = redis.Redis.from_url(redis_url)
+    a = LeaderLock(client, key="t:leader", instance_id="a", ttl=0.3)
+    b = LeaderLock(client, key="t:leader", instance_id="b", ttl=0.3)
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (True, False)
+    time.sleep(0.2)
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (True, False)  # renewed, still a's
+    time.sleep(0.4)  # a "dies": no renewal past the ttl
+    assert b.acquire_or_renew() is True
+    assert a.acquire_or_renew() is False  # the old leader must not steal it back
+    assert a.holder() == "b"
+
+
+def test_release_hands_over_at_once(redis_url: str) -> None:
+    """A leader that stops cleanly releases the lock so the standby leads at its next poll."""
+    client = redis.Redis.from_url(redis_url)
+    a = LeaderLock(client, key="t:leader", instance_id="a", ttl=60)
+    b = LeaderLock(client, key="t:leader", instance_id="b", ttl=60)
+    assert a.acquire_or_renew()
+    b.release()  # not the holder: nothing happens
+    assert a.holder() == "a"
+    a.release()
+    assert b.acquire_or_renew()
+
+
+def test_policy_watcher_applies_good_edit_and_keeps_last_good(tmp_path: Path) -> None:
+    """A good edit is applied at the next poll; a bad one is reported and the last good policy stays."""
+    path = tmp_path / "p.yaml"
+    original = (ROOT / "policies" / "default.yaml").read_text()
+    path.write_text(original)
+    watcher = PolicyWatcher(path)
+    assert watcher.poll() == (watcher.policy, None)
+
+    path.write_text(original.replace("replicas: 10}", "replicas: 9}"))
+    policy, event = watcher.poll()
+    assert event == "reloaded"
+    assert policy.pools[0].tiers is not None and policy.pools[0].tiers[0].replicas == 9
+
+    path.write_text(original.replace("min: 2", "min: 20"))
+    kept, event = watcher.poll()
+    assert event == "invalid"
+    assert kept is policy
+    assert any("min (20) is greater than max (10)" in e for e in watcher.last_errors)
+
+    path.unlink()
+    kept, event = watcher.poll()
+    assert (event, kept is policy) == ("invalid", True)
+
+
+def test_policy_watcher_force_reload_rereads_unchanged_file(tmp_path: Path) -> None:
+    """SIGHUP's forced reload re-reads the file even when its content did not change."""
+    path = tmp_path / "p.yaml"
+    path.write_text((ROOT / "policies" / "default.yaml").read_text())
+    watcher = PolicyWatcher(path)
+    assert watcher.poll(force=True)[1] == "reloaded"
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - a loopback URL built by the test
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_health_endpoints() -> None:
+    """/healthz answers alive, /readyz follows readiness, /metrics serves the Prometheus text format."""
+    metrics = Metrics()
+    metrics.leader.set(1)
+    ready = {"value": False}
+    server = HealthServer(
+        host="127.0.0.1", port=0, metrics=metrics,
+        readiness=lambda: (ready["value"], {"role": "standby", "last_good_tick_age_s": None}),
+    )
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert _get(base + "/healthz")[0] == 200
+        assert _get(base + "/readyz")[0] == 503
+        ready["value"] = True
+        code, body = _get(base + "/readyz")
+        assert (code, json.loads(body)["role"]) == (200, "standby")
+        code, body = _get(base + "/metrics")
+        assert code == 200 and "autoscaler_leader 1.0" in body
+        assert _get(base + "/nope")[0] == 404
+    finally:
+        server.stop()
