@@ -48,7 +48,10 @@ class Actuator:
         log = logger.bind(pool=pool.name, current=decision.current, desired=decision.desired, direction=direction)
         if self.dry_run:
             log.info(
-                "dry-run: would scale {} from {} to {}: {}", pool.name, decision.current, decision.desired,
+                "dry-run: would scale {} from {} to {}: {}",
+                pool.name,
+                decision.current,
+                decision.desired,
                 decision.reason,
             )
             self.metrics.actions.labels(pool.name, direction, "dry_run").inc()
@@ -68,7 +71,11 @@ class Actuator:
         self.metrics.actions.labels(pool.name, direction, "ok").inc()
         self.metrics.action_duration.labels(pool.name, direction).observe(seconds)
         log.bind(seconds=round(seconds, 3)).info(
-            "scaled {} from {} to {} in {:.2f}s: {}", pool.name, decision.current, decision.desired, seconds,
+            "scaled {} from {} to {} in {:.2f}s: {}",
+            pool.name,
+            decision.current,
+            decision.desired,
+            seconds,
             decision.reason,
         )
         return ActionResult(ok=True, dry_run=False, error=None, seconds=seconds)

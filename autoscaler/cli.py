@@ -65,10 +65,12 @@ def schema() -> None:
 @click.option("--dry-run/--no-dry-run", default=None, help="decide and log, never act (default: the policy's)")
 @click.option("--once", is_flag=True, help="run one tick and exit")
 @click.option("--interval", type=click.FloatRange(min=0.1), help="seconds between ticks (default: the policy's)")
-@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="append each tick's observations as JSON lines")
-def run(
-    policy_path: str | None, dry_run: bool | None, once: bool, interval: float | None, record: Path | None
-) -> None:
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="append each tick's observations as JSON lines (a trace for `autoscaler simulate`)",
+)
+def run(policy_path: str | None, dry_run: bool | None, once: bool, interval: float | None, record: Path | None) -> None:
     """Run the controller: observe, decide and scale every interval until SIGTERM/SIGINT.
 
     SIGHUP reloads the policy at once; a changed policy file is also picked up at the next tick. An
@@ -129,6 +131,10 @@ def status(policy_path: str | None, as_json: bool) -> None:
             latency = "unknown" if q["latency_s"] is None else f"{q['latency_s']:.1f}s"
             click.echo(f"  {q['name']}: waiting={q['waiting']} unacked={q['unacked']} latency={latency}")
 
+
+from autoscaler.simulate.cli import simulate  # noqa: E402 - registered last, beside the other commands
+
+main.add_command(simulate)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

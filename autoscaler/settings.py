@@ -35,15 +35,15 @@ class Settings(BaseSettings):
         description="this controller replica's name in the leader lock",
     )
     leader_ttl: float | None = Field(
-        default=None, gt=0, description="leader lock expiry in seconds; default: 2 x interval (a standby "
-        "then takes over within two intervals of the leader's death)"
+        default=None,
+        gt=0,
+        description="leader lock expiry in seconds; default: 2 x interval (a standby "
+        "then takes over within two intervals of the leader's death)",
     )
     metrics_port: int = Field(default=9419, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 = off")
     metrics_host: str = Field(default="0.0.0.0", description="address the HTTP endpoint binds")  # noqa: S104
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
     docker_host: str | None = Field(default=None, description="overrides DOCKER_HOST")
-    compose_project: str | None = Field(
-        default=None, description="default Compose project for pools that name none"
-    )
+    compose_project: str | None = Field(default=None, description="default Compose project for pools that name none")
     busy_probe_timeout: float = Field(default=1.0, gt=0, description="how long to ask Celery which workers are busy")

@@ -45,32 +45,62 @@ CASES = [
     pytest.param({}, obs(50, 2), PoolState(), 2, "hold band", id="hold band holds 2"),
     pytest.param({}, obs(50, 4), PoolState(), 4, "hold band", id="hold band holds a manual 4"),
     pytest.param(
-        {}, obs(50, 10), PoolState(recommendations=((-400.0, 5),)), 5, "limited to 2..5",
+        {},
+        obs(50, 10),
+        PoolState(recommendations=((-400.0, 5),)),
+        5,
+        "limited to 2..5",
         id="hold band from 10 is limited to the >100 tier",
     ),
     pytest.param(
-        {}, obs(5, 5), PoolState(recommendations=((-400.0, 2),)), 2, "< 10", id="below 10 -> 2 once stable",
+        {},
+        obs(5, 5),
+        PoolState(recommendations=((-400.0, 2),)),
+        2,
+        "< 10",
+        id="below 10 -> 2 once stable",
     ),
     pytest.param({}, obs(5, 5), PoolState(), 5, "stabilization", id="fresh controller does not shrink at once"),
     pytest.param(
-        {}, obs(5, 5), PoolState(last_scale_up=-100.0, recommendations=((-400.0, 2),)), 5, "down-cooldown",
+        {},
+        obs(5, 5),
+        PoolState(last_scale_up=-100.0, recommendations=((-400.0, 2),)),
+        5,
+        "down-cooldown",
         id="down-cooldown after a scale-up",
     ),
     pytest.param(
-        {}, obs(600, 5), PoolState(last_scale_up=-10.0), 5, "up-cooldown", id="up-cooldown blocks scale-up",
+        {},
+        obs(600, 5),
+        PoolState(last_scale_up=-10.0),
+        5,
+        "up-cooldown",
+        id="up-cooldown blocks scale-up",
     ),
     pytest.param(
-        {}, obs(600, 2), PoolState(last_scale_down=-10.0), 10, "> 500",
+        {},
+        obs(600, 2),
+        PoolState(last_scale_down=-10.0),
+        10,
+        "> 500",
         id="scale-up during a down-cooldown acts at once",
     ),
     pytest.param({"max_step": {"up": 3}}, obs(600, 2), PoolState(), 5, "step limit 3", id="step limit up"),
     pytest.param(
-        {"max_step": {"down": 1}}, obs(5, 5), PoolState(recommendations=((-400.0, 2),)), 4, "step limit 1",
+        {"max_step": {"down": 1}},
+        obs(5, 5),
+        PoolState(recommendations=((-400.0, 2),)),
+        4,
+        "step limit 1",
         id="step limit down",
     ),
     pytest.param({"enabled": False}, obs(600, 2), PoolState(), 2, "paused", id="paused pool holds"),
     pytest.param(
-        {"scale_in": False}, obs(5, 5), PoolState(recommendations=((-400.0, 2),)), 5, "scale-in paused",
+        {"scale_in": False},
+        obs(5, 5),
+        PoolState(recommendations=((-400.0, 2),)),
+        5,
+        "scale-in paused",
         id="scale-in paused holds on the way down",
     ),
     pytest.param({"scale_in": False}, obs(600, 2), PoolState(), 10, "> 500", id="scale-in paused still grows"),
@@ -78,36 +108,68 @@ CASES = [
     pytest.param({}, obs(600, 12), PoolState(), 10, "above max", id="above max goes to max at once"),
     pytest.param({"sustain": "5m"}, obs(150, 2), PoolState(), 2, "not yet sustained", id="sustain not yet met"),
     pytest.param(
-        {"sustain": "5m"}, obs(150, 2), PoolState(recommendations=((-300.0, 5), (-150.0, 5))), 5, "> 100",
+        {"sustain": "5m"},
+        obs(150, 2),
+        PoolState(recommendations=((-300.0, 5), (-150.0, 5))),
+        5,
+        "> 100",
         id="sustained for 5m scales",
     ),
     pytest.param(
-        {"sustain": "5m"}, obs(150, 2), PoolState(recommendations=((-300.0, 2), (-150.0, 5))), 2, "not yet",
+        {"sustain": "5m"},
+        obs(150, 2),
+        PoolState(recommendations=((-300.0, 2), (-150.0, 5))),
+        2,
+        "not yet",
         id="a dip inside the sustain window resets it",
     ),
     pytest.param(
-        {"metric": "waiting_unacked"}, obs(60, 2, unacked=60), PoolState(), 5, "120 > 100",
+        {"metric": "waiting_unacked"},
+        obs(60, 2, unacked=60),
+        PoolState(),
+        5,
+        "120 > 100",
         id="waiting plus unacked",
     ),
     pytest.param(
         {"metric": "latency", "tiers": [{"above": 60, "replicas": 10}, {"below": 5, "replicas": 2}]},
-        obs(10, 2, latency=90.0), PoolState(), 10, "90 > 60", id="latency tier",
+        obs(10, 2, latency=90.0),
+        PoolState(),
+        10,
+        "90 > 60",
+        id="latency tier",
     ),
     pytest.param(
-        {"tiers": None, "per_replica": {"value": 50}}, obs(420, 2), PoolState(), 9, "-> 9",
+        {"tiers": None, "per_replica": {"value": 50}},
+        obs(420, 2),
+        PoolState(),
+        9,
+        "-> 9",
         id="per-replica ceil(420/50)",
     ),
     pytest.param(
-        {"tiers": None, "per_replica": {"value": 50, "tolerance": 0.1}}, obs(105, 2), PoolState(), 2, "within",
+        {"tiers": None, "per_replica": {"value": 50, "tolerance": 0.1}},
+        obs(105, 2),
+        PoolState(),
+        2,
+        "within",
         id="per-replica tolerance holds",
     ),
     pytest.param(
-        {"min": 0, "tiers": None, "per_replica": {"value": 50, "activation": 20}}, obs(15, 0), PoolState(), 0,
-        "activation", id="activation keeps zero",
+        {"min": 0, "tiers": None, "per_replica": {"value": 50, "activation": 20}},
+        obs(15, 0),
+        PoolState(),
+        0,
+        "activation",
+        id="activation keeps zero",
     ),
     pytest.param(
-        {"min": 0, "tiers": None, "per_replica": {"value": 50, "activation": 20}}, obs(25, 0), PoolState(), 1,
-        "-> 1", id="activation wakes from zero",
+        {"min": 0, "tiers": None, "per_replica": {"value": 50, "activation": 20}},
+        obs(25, 0),
+        PoolState(),
+        1,
+        "-> 1",
+        id="activation wakes from zero",
     ),
 ]
 
@@ -175,8 +237,9 @@ def test_history_is_pruned_to_the_longest_window() -> None:
 
 def test_state_round_trips_through_json() -> None:
     """The state written to Redis reads back identical."""
-    state = PoolState(last_scale_up=1.5, last_scale_down=None, recommendations=((1.0, 3), (2.0, 4)),
-                      consecutive_failures=2)
+    state = PoolState(
+        last_scale_up=1.5, last_scale_down=None, recommendations=((1.0, 3), (2.0, 4)), consecutive_failures=2
+    )
     assert PoolState.from_json(state.to_json()) == state
 
 
@@ -238,7 +301,9 @@ tier_policies = st.builds(
     st.integers(0, 600),
 )
 target_policies = st.builds(
-    lambda lo, span, value, tol: pool(min=lo, max=lo + span, tiers=None, per_replica={"value": value, "tolerance": tol}),
+    lambda lo, span, value, tol: pool(
+        min=lo, max=lo + span, tiers=None, per_replica={"value": value, "tolerance": tol}
+    ),
     st.integers(0, 5),
     st.integers(0, 30),
     st.integers(1, 200),

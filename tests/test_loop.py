@@ -195,12 +195,18 @@ def test_only_the_leader_acts_and_standby_takes_over(redis_url: str, policy_file
     b = make_controller(redis_url, policy_file, backend_b, instance="b", ttl=ttl, clock=None)
     a.clock = b.clock = time.time
     stop_a, stop_b = threading.Event(), threading.Event()
-    ta = threading.Thread(target=run_forever, args=(a,),
-                          kwargs={"interval": lambda: interval, "stop": stop_a, "reload": threading.Event()})
+    ta = threading.Thread(
+        target=run_forever,
+        args=(a,),
+        kwargs={"interval": lambda: interval, "stop": stop_a, "reload": threading.Event()},
+    )
     ta.start()
     time.sleep(interval)  # a wins the lock first
-    tb = threading.Thread(target=run_forever, args=(b,),
-                          kwargs={"interval": lambda: interval, "stop": stop_b, "reload": threading.Event()})
+    tb = threading.Thread(
+        target=run_forever,
+        args=(b,),
+        kwargs={"interval": lambda: interval, "stop": stop_b, "reload": threading.Event()},
+    )
     tb.start()
     try:
         time.sleep(3 * interval)

@@ -50,8 +50,9 @@ def test_valid_policy_decisions_match_golden(fixture: Path) -> None:
             for depth in PROBE_DEPTHS:
                 queues = tuple(QueueStats(q, depth, depth // 10, float(depth) / 10) for q in pool.queues)
                 d = decide(pool, Observation(queues, current), PoolState(), now=0.0)
-                rows.append({"pool": pool.name, "current": current, "depth": depth, "desired": d.desired,
-                             "reason": d.reason})
+                rows.append(
+                    {"pool": pool.name, "current": current, "depth": depth, "desired": d.desired, "reason": d.reason}
+                )
     actual = "\n".join(json.dumps(r) for r in rows) + "\n"
     assert actual == _golden(fixture.with_suffix(".decisions.jsonl"), actual)
 
@@ -68,13 +69,13 @@ def test_default_policy_is_the_seed_rule() -> None:
     """policies/default.yaml expresses the seed's tiers for pools fast, cpu and io on the seed's queues."""
     policy = load_policy(ROOT / "policies" / "default.yaml")
     assert [(p.name, p.queues) for p in policy.pools] == [
-        ("fast", ["fast"]), ("cpu", ["cpu_intensive"]), ("io", ["io_intensive"])
+        ("fast", ["fast"]),
+        ("cpu", ["cpu_intensive"]),
+        ("io", ["io_intensive"]),
     ]
     for pool in policy.pools:
         assert pool.tiers is not None
-        assert [(t.above, t.below, t.replicas) for t in pool.tiers] == [
-            (500, None, 10), (100, None, 5), (None, 10, 2)
-        ]
+        assert [(t.above, t.below, t.replicas) for t in pool.tiers] == [(500, None, 10), (100, None, 5), (None, 10, 2)]
 
 
 def test_committed_schema_is_current() -> None:
@@ -102,8 +103,10 @@ def test_bad_durations_are_rejected(text: object) -> None:
 
 def test_unknown_key_names_line_and_path() -> None:
     """A misspelt key is rejected with its line and dotted path."""
-    text = "pools:\n  fast:\n    target: {compose: {service: w}}\n    queues: [fast]\n    min: 1\n" \
-           "    max: 2\n    per_replica: {value: 5}\n    cooldwn: {up: 1s}\n"
+    text = (
+        "pools:\n  fast:\n    target: {compose: {service: w}}\n    queues: [fast]\n    min: 1\n"
+        "    max: 2\n    per_replica: {value: 5}\n    cooldwn: {up: 1s}\n"
+    )
     with pytest.raises(PolicyError) as info:
         parse_policy(text, source="p.yaml")
     assert [str(p) for p in info.value.problems] == [
@@ -112,8 +115,14 @@ def test_unknown_key_names_line_and_path() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "autoscaler.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "autoscaler.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_cli_validate_exit_codes() -> None:

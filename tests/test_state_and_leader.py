@@ -99,7 +99,7 @@ def test_policy_watcher_force_reload_rereads_unchanged_file(tmp_path: Path) -> N
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - a loopback URL built by the test
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -111,7 +111,9 @@ def test_health_endpoints() -> None:
     metrics.leader.set(1)
     ready = {"value": False}
     server = HealthServer(
-        host="127.0.0.1", port=0, metrics=metrics,
+        host="127.0.0.1",
+        port=0,
+        metrics=metrics,
         readiness=lambda: (ready["value"], {"role": "standby", "last_good_tick_age_s": None}),
     )
     server.start()

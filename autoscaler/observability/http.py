@@ -67,7 +67,7 @@ def _make_handler(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: ARG002 - the stdlib's signature
             return None  # scrapes every few seconds would drown the decision log
 
     return Handler

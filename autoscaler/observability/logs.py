@@ -14,9 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["configure_logging", "json_sink"]
 
-_TEXT_FORMAT = (
-    "<green>{time:YYYY-MM-DD HH:mm:ss}</green> <level>{level: <7}</level> {message}"
-)
+_TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss}</green> <level>{level: <7}</level> {message}"
 
 
 def json_sink(stream: TextIO) -> Any:

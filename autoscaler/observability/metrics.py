@@ -20,27 +20,38 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.queue_waiting = Gauge(
-            "autoscaler_queue_waiting", "Messages waiting in the queue (priority sub-lists included)", ["queue"],
+            "autoscaler_queue_waiting",
+            "Messages waiting in the queue (priority sub-lists included)",
+            ["queue"],
             registry=r,
         )
         self.queue_unacked = Gauge(
-            "autoscaler_queue_unacked", "Messages delivered to workers and not yet acknowledged", ["queue"],
+            "autoscaler_queue_unacked",
+            "Messages delivered to workers and not yet acknowledged",
+            ["queue"],
             registry=r,
         )
         self.queue_latency = Gauge(
-            "autoscaler_queue_latency_seconds", "Age of the oldest waiting message; NaN when unknown", ["queue"],
+            "autoscaler_queue_latency_seconds",
+            "Age of the oldest waiting message; NaN when unknown",
+            ["queue"],
             registry=r,
         )
         self.pool_current = Gauge("autoscaler_pool_current_replicas", "Replicas running now", ["pool"], registry=r)
         self.pool_desired = Gauge("autoscaler_pool_desired_replicas", "Replicas decided", ["pool"], registry=r)
         self.pool_metric = Gauge("autoscaler_pool_metric", "The value the pool's strategy saw", ["pool"], registry=r)
         self.actions = Counter(
-            "autoscaler_actions", "Scaling actions by pool, direction and result (ok, error, dry_run)",
-            ["pool", "direction", "result"], registry=r,
+            "autoscaler_actions",
+            "Scaling actions by pool, direction and result (ok, error, dry_run)",
+            ["pool", "direction", "result"],
+            registry=r,
         )
         self.action_duration = Histogram(
-            "autoscaler_action_duration_seconds", "Time a backend took to act", ["pool", "direction"],
-            buckets=_ACTION_BUCKETS, registry=r,
+            "autoscaler_action_duration_seconds",
+            "Time a backend took to act",
+            ["pool", "direction"],
+            buckets=_ACTION_BUCKETS,
+            registry=r,
         )
         self.tick_duration = Histogram(
             "autoscaler_tick_duration_seconds", "Time one reconcile tick took", buckets=_TICK_BUCKETS, registry=r
@@ -53,7 +64,8 @@ class Metrics:
         )
         self.leader = Gauge("autoscaler_leader", "1 while this replica holds the leader lock", registry=r)
         self.last_good_tick = Gauge(
-            "autoscaler_last_good_tick_timestamp_seconds", "When the last tick that read metrics finished",
+            "autoscaler_last_good_tick_timestamp_seconds",
+            "When the last tick that read metrics finished",
             registry=r,
         )
         self.policy_reloads = Counter(

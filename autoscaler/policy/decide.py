@@ -79,15 +79,15 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     if current > pool.max:
         return result(pool.max, f"{current} is above max {pool.max}")
     if recommendation > current:
-        return result(*_scale_up(pool, state, now, current, recommendation, explanation))
+        return result(*_scale_up(pool, state, now=now, current=current, explanation=explanation))
     if recommendation < current:
-        return result(*_scale_down(pool, state, now, current, recommendation, explanation))
+        return result(
+            *_scale_down(pool, state, now=now, current=current, recommendation=recommendation, explanation=explanation)
+        )
     return result(current, explanation)
 
 
-def _scale_up(
-    pool: PoolPolicy, state: PoolState, now: float, current: int, recommendation: int, explanation: str
-) -> tuple[int, str]:
+def _scale_up(pool: PoolPolicy, state: PoolState, *, now: float, current: int, explanation: str) -> tuple[int, str]:
     sustained = min(window_values(state.recommendations, now, pool.sustain, current))
     if sustained <= current:
         return current, f"{explanation}; not yet sustained for {format_duration(pool.sustain)}"
@@ -101,7 +101,7 @@ def _scale_up(
 
 
 def _scale_down(
-    pool: PoolPolicy, state: PoolState, now: float, current: int, recommendation: int, explanation: str
+    pool: PoolPolicy, state: PoolState, *, now: float, current: int, recommendation: int, explanation: str
 ) -> tuple[int, str]:
     stabilized = max(window_values(state.recommendations, now, pool.stabilization, current))
     if stabilized >= current:

@@ -81,11 +81,12 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
         if policy is not None
         else _valid_pools(data, failed_pools, context)
     )
-    for index, pool, bad in pools:
-        if {"tiers", "per_replica"} & bad:
-            bad = bad | {"tiers", "per_replica"}  # the strategy check would blame the dropped one
+    for index, pool, failed_keys in pools:
+        skip = set(failed_keys)
+        if {"tiers", "per_replica"} & skip:
+            skip |= {"tiers", "per_replica"}  # the strategy check would blame the dropped one
         for loc, message in semantic_errors(pool):
-            if loc[0] in bad:
+            if loc[0] in skip:
                 continue
             full = name_loc(("pools", index, *loc))
             problems.append(_problem(source, data, full, message))

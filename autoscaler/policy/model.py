@@ -217,9 +217,7 @@ class PoolPolicy(_Strict):
     stabilization: Duration = Field(
         default=300.0, description="scale down only to the highest recommendation seen in this window"
     )
-    sustain: Duration = Field(
-        default=0.0, description="scale up only once the recommendation has held this long"
-    )
+    sustain: Duration = Field(default=0.0, description="scale up only once the recommendation has held this long")
     max_step: StepLimit = StepLimit()
     on_metric_failure: MetricFailure = MetricFailure()
     enabled: bool = Field(default=True, description="false = paused: observe and report, never act")
@@ -246,9 +244,7 @@ def _tier_errors(pool: PoolPolicy, tiers: list[Tier]) -> list[tuple[tuple[str | 
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for i, tier in enumerate(tiers):
         if not pool.min <= tier.replicas <= pool.max:
-            errors.append(
-                (("tiers", i, "replicas"), f"{tier.replicas} is outside min..max ({pool.min}..{pool.max})")
-            )
+            errors.append((("tiers", i, "replicas"), f"{tier.replicas} is outside min..max ({pool.min}..{pool.max})"))
     # Written top-down as the seed reads: every `above` tier first, then every `below` tier, each
     # with strictly falling bounds and non-increasing replicas. That ordering is what makes the
     # tiers non-overlapping and "more work never means fewer replicas".
@@ -262,9 +258,7 @@ def _tier_errors(pool: PoolPolicy, tiers: list[Tier]) -> list[tuple[tuple[str | 
         prev, cur = tiers[i - 1], tiers[i]
         if (prev.above is None) != (cur.above is None):
             if prev.above is not None and cur.below is not None and cur.below > prev.above:
-                errors.append(
-                    (("tiers", i, "below"), f"{cur.below:g} overlaps the `above: {prev.above:g}` tier")
-                )
+                errors.append((("tiers", i, "below"), f"{cur.below:g} overlaps the `above: {prev.above:g}` tier"))
         elif cur.bound >= prev.bound:
             errors.append(
                 (("tiers", i), f"bounds must fall from one tier to the next ({cur.bound:g} after {prev.bound:g})")
@@ -332,9 +326,7 @@ class Policy(_Strict):
     def _pools_from_mapping(cls, value: Any) -> Any:
         # Ops write pools as a mapping keyed by name; the model keeps an ordered list with the name inside.
         if isinstance(value, dict):
-            return [
-                {"name": name, **body} if isinstance(body, dict) else body for name, body in value.items()
-            ]
+            return [{"name": name, **body} if isinstance(body, dict) else body for name, body in value.items()]
         return value
 
     @model_validator(mode="after")
@@ -343,9 +335,7 @@ class Policy(_Strict):
         for pool in self.pools:
             key = (pool.target.kind, pool.target.service)
             if key in owners:
-                raise ValueError(
-                    f"pools {owners[key]!r} and {pool.name!r} both target {key[0]} service {key[1]!r}"
-                )
+                raise ValueError(f"pools {owners[key]!r} and {pool.name!r} both target {key[0]} service {key[1]!r}")
             owners[key] = pool.name
         return self
 
