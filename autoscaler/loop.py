@@ -120,7 +120,7 @@ class Controller:
         else:
             try:
                 leader = self.lock.acquire_or_renew()
-            except Exception as exc:  # noqa: BLE001 - any failure to prove leadership means: do not act
+            except Exception as exc:
                 logger.bind(error=str(exc)).error("cannot reach the leader lock ({}); not acting this tick", exc)
                 leader, lock_answered = False, False
         if leader != (self.role == "leader"):
@@ -196,7 +196,7 @@ class Controller:
         if self.lock is not None and self.role == "leader":
             try:
                 self.lock.release()
-            except Exception as exc:  # noqa: BLE001 - best effort on the way out; the lock expires anyway
+            except Exception as exc:
                 logger.warning("could not release the leader lock: {}", exc)
 
 
@@ -214,7 +214,11 @@ def _log_decision(decision: Decision, queues: tuple[QueueStats, ...], action: Ac
         fields["action"] = "dry_run" if action.dry_run else ("ok" if action.ok else "error")
     logger.bind(**fields).info(
         "pool {} current={} desired={} metric={}: {}",
-        decision.pool, decision.current, decision.desired, decision.metric, decision.reason,
+        decision.pool,
+        decision.current,
+        decision.desired,
+        decision.metric,
+        decision.reason,
     )
 
 
@@ -239,7 +243,7 @@ def run_forever(
         reload.clear()
         try:
             report = controller.tick(force_reload=force)
-        except Exception as exc:  # noqa: BLE001 - the loop must outlive any one bad tick
+        except Exception as exc:
             logger.opt(exception=exc).error("tick failed: {}", exc)
             report = None
         if report is not None and on_tick is not None:
