@@ -53,7 +53,8 @@ class Observation:
 class PoolState:
     """What a pool remembers between ticks; persisted in Redis so a restarted controller keeps it.
 
-    `recommendations` holds (time, replicas) pairs, pruned to the longest window the policy looks at.
+    `recommendations` holds (time, replicas) pairs, one per change (a value stands until the next), pruned to
+    the longest window the policy looks at.
     """
 
     last_scale_up: float | None = None

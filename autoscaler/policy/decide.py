@@ -68,7 +68,10 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     recommendation = min(max(raw, pool.min), pool.max)
     if recommendation != raw:
         explanation += f" (kept within min..max {pool.min}..{pool.max})"
-    history = (*history, (now, recommendation))
+    if not history or history[-1][1] != recommendation:
+        # Only changes are kept: a recommendation stands until the next one, which is all the windows
+        # need, and the state stays a few entries long instead of one per tick.
+        history = (*history, (now, recommendation))
     state = replace(state, recommendations=history)
 
     def result(desired: int, reason: str) -> Decision:
