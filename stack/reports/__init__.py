@@ -1,0 +1,1 @@
+"""The reports app: background work on three queues, recorded exactly once per task id."""
