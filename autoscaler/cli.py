@@ -126,7 +126,8 @@ def status(policy_path: str | None, as_json: bool) -> None:
         click.echo(f"metric source: {report['metric_error']}")
     for pool in report["pools"]:
         current = "?" if pool["current"] is None else pool["current"]
-        click.echo(f"{pool['name']}: current={current} desired={pool['desired']}  {pool['reason']}")
+        desired = "?" if pool["desired"] is None else pool["desired"]
+        click.echo(f"{pool['name']}: current={current} desired={desired}  {pool['reason']}")
         for q in pool["queues"]:
             latency = "unknown" if q["latency_s"] is None else f"{q['latency_s']:.1f}s"
             click.echo(f"  {q['name']}: waiting={q['waiting']} unacked={q['unacked']} latency={latency}")

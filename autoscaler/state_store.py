@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 import redis
 from loguru import logger
@@ -33,7 +34,8 @@ class RedisStateStore:
         if not names:
             return {}
         try:
-            raw = self._client.mget([self.key(n) for n in names])
+            # redis-py types its sync and async clients together; this one is sync.
+            raw = cast(list[bytes | None], self._client.mget([self.key(n) for n in names]))
         except redis.RedisError as exc:
             raise StateStoreError(f"cannot read pool state from Redis: {exc}") from exc
         states: dict[str, PoolState] = {}

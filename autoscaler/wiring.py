@@ -22,7 +22,7 @@ from autoscaler.record import TraceRecorder
 from autoscaler.settings import Settings
 from autoscaler.sources.base import SourceError
 from autoscaler.sources.celery_redis import CeleryRedisSource
-from autoscaler.state_store import RedisStateStore
+from autoscaler.state_store import RedisStateStore, StateStoreError
 from autoscaler.types import Observation, PoolState, QueueStats
 
 __all__ = ["App", "build_backend", "build_controller", "preview"]
@@ -30,6 +30,7 @@ __all__ = ["App", "build_backend", "build_controller", "preview"]
 # Expiry of the leader lock in intervals: the leader renews every interval, a standby polls every quarter
 # interval, so a standby takes over within 1.75 intervals of the leader's last renewal.
 LEADER_TTL_INTERVALS = 1.5
+STATUS_DOCKER_RETRY_BUDGET = 2.0
 
 
 @dataclass
@@ -57,11 +58,19 @@ class App:
         dry_run = self.controller.dry_run if self.controller.dry_run is not None else policy.dry_run
         logger.info(
             "controller {} starting: {} pools, interval {}s{}",
-            self.settings.instance_id, len(policy.pools), self.interval(), ", DRY-RUN" if dry_run else "",
+            self.settings.instance_id,
+            len(policy.pools),
+            self.interval(),
+            ", DRY-RUN" if dry_run else "",
         )
         try:
             run_forever(
-                self.controller, interval=self.interval, stop=stop, reload=reload, wake=wake, once=once,
+                self.controller,
+                interval=self.interval,
+                stop=stop,
+                reload=reload,
+                wake=wake,
+                once=once,
                 on_tick=self.recorder.write if self.recorder else None,
             )
         finally:
@@ -77,11 +86,39 @@ def _redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
 
 
-def build_backend(settings: Settings, state_client: redis.Redis) -> Backend:
-    """The Docker backends (Compose and Swarm) behind one router."""
-    from autoscaler.backends.wiring import docker_backend  # noqa: PLC0415 - docker-py is only needed here
+def build_backend(
+    settings: Settings,
+    state_client: redis.Redis,
+    metrics: Metrics | None = None,
+    *,
+    docker_retry_budget: float | None = None,
+) -> Backend:
+    """The Docker backends (Compose and Swarm) behind one router, sharing one lazy Engine API client."""
+    # docker-py and Celery's control client are only needed here, not by validate/schema/simulate.
+    from autoscaler.backends.celery_busy import CeleryBusyProbe  # noqa: PLC0415
+    from autoscaler.backends.compose import ComposeBackend, RedisTemplateStore  # noqa: PLC0415
+    from autoscaler.backends.docker_client import DockerConnection  # noqa: PLC0415
+    from autoscaler.backends.router import BackendRouter  # noqa: PLC0415
+    from autoscaler.backends.swarm import SwarmBackend  # noqa: PLC0415
 
-    return docker_backend(settings, state_client)
+    connection = (
+        DockerConnection(base_url=settings.docker_host)
+        if docker_retry_budget is None
+        else DockerConnection(base_url=settings.docker_host, retry_budget=docker_retry_budget)
+    )
+
+    def on_replica_failure(pool: str, reason: str) -> None:
+        if metrics is not None:
+            metrics.replica_failures.labels(pool, reason).inc()
+
+    compose = ComposeBackend(
+        docker_connection=connection,
+        default_project=settings.compose_project,
+        templates=RedisTemplateStore(state_client, prefix=settings.state_prefix),
+        busy_probe=CeleryBusyProbe(broker_url=settings.redis_url, timeout=settings.busy_probe_timeout),
+        on_replica_failure=on_replica_failure,
+    )
+    return BackendRouter(compose=compose, swarm=SwarmBackend(docker_connection=connection))
 
 
 def build_controller(settings: Settings, *, record: Path | None = None) -> App:
@@ -89,12 +126,13 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
     policy = watcher.policy
     state_client = _redis(settings.state_redis_url or settings.redis_url)
     interval = settings.interval or policy.interval
+    metrics = Metrics()
     controller = Controller(
         policies=watcher,
         source=CeleryRedisSource(url=settings.redis_url, broker=policy.broker),
-        backend=build_backend(settings, state_client),
+        backend=build_backend(settings, state_client, metrics),
         store=RedisStateStore(state_client, prefix=settings.state_prefix),
-        metrics=Metrics(),
+        metrics=metrics,
         lock=LeaderLock(
             state_client,
             key=f"{settings.state_prefix}leader",
@@ -103,7 +141,8 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
         ),
         dry_run=settings.dry_run,
     )
-    return App(controller=controller, settings=settings, watcher=watcher, recorder=TraceRecorder(record) if record else None)
+    recorder = TraceRecorder(record) if record else None
+    return App(controller=controller, settings=settings, watcher=watcher, recorder=recorder)
 
 
 def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, Any]:
@@ -121,11 +160,12 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
         queues, metric_error = {}, str(exc)
     try:
         states = RedisStateStore(state_client, prefix=settings.state_prefix).load([p.name for p in policy.pools])
-    except redis.RedisError:
-        states = {}
+    except StateStoreError:
+        states = {}  # Redis is down: the metric error above already says so
     if backend is None:
         try:
-            backend = build_backend(settings, state_client)
+            # A person is waiting: a daemon that does not answer within a couple of seconds is reported.
+            backend = build_backend(settings, state_client, docker_retry_budget=STATUS_DOCKER_RETRY_BUDGET)
         except BackendError as exc:
             logger.warning("no backend: {}", exc)
     now = time.time()

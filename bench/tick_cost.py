@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=200)
     args = parser.parse_args()
     logger.remove()
-    with open("/dev/null", "w") as devnull:  # noqa: PTH123 - a plain stream for the sink
+    with open("/dev/null", "w") as devnull:
         logger.add(json_sink(devnull), level="INFO")
         with redis_server() as url:
             rows = [

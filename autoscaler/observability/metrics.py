@@ -62,6 +62,12 @@ class Metrics:
         self.backend_errors = Counter(
             "autoscaler_backend_errors", "Backend status or action failures", ["pool"], registry=r
         )
+        self.replica_failures = Counter(
+            "autoscaler_replica_failures",
+            "Replicas found exited, OOM-killed or dead (not counted as running)",
+            ["pool", "reason"],
+            registry=r,
+        )
         self.leader = Gauge("autoscaler_leader", "1 while this replica holds the leader lock", registry=r)
         self.last_good_tick = Gauge(
             "autoscaler_last_good_tick_timestamp_seconds",

@@ -1,0 +1,73 @@
+"""Which Celery workers are running a task right now: the Compose backend's hint for choosing idle victims.
+
+Asks every worker over the broker (`inspect().active()`), in a background thread, and gives up after a
+short timeout so a scale-down is never delayed by more than about a second. Any failure or silence means
+"unknown" (None): the backend then picks victims by age alone, and the warm shutdown still lets a busy
+victim finish its task.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from celery import Celery
+from loguru import logger
+
+from autoscaler.policy.model import PoolPolicy
+
+__all__ = ["DEFAULT_PROBE_TIMEOUT", "CeleryBusyProbe", "busy_hosts"]
+
+DEFAULT_PROBE_TIMEOUT = 1.0
+# Beyond the broadcast's own timeout: connecting to the broker and collecting the replies.
+WAIT_MARGIN = 0.5
+
+
+def busy_hosts(replies: dict[str, Any] | None) -> set[str] | None:
+    """`{"celery@abc123": [task, ...]}` -> `{"abc123"}`: hosts of workers with at least one active task."""
+    if not replies:
+        return None  # nobody answered: unknown, not "all idle"
+    return {node.partition("@")[2] or node for node, tasks in replies.items() if tasks}
+
+
+class CeleryBusyProbe:
+    """A `BusyProbe` for `ComposeBackend`: `probe(pool)` -> hostnames of busy workers, or None if unknown.
+
+    `broker_url` is Celery's broker (settings.redis_url). One probe runs at a time; a call made while the
+    previous one is still waiting for the broker answers None rather than queueing behind it.
+    """
+
+    def __init__(self, *, broker_url: str, timeout: float = DEFAULT_PROBE_TIMEOUT) -> None:
+        self._timeout = timeout
+        self._app = Celery("autoscaler-busy-probe", broker=broker_url, set_as_current=False)
+        self._app.conf.broker_connection_timeout = timeout
+        self._app.conf.broker_connection_retry = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="celery-busy-probe")
+        self._pending: Future[set[str] | None] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, pool: PoolPolicy) -> set[str] | None:
+        with self._lock:
+            if self._pending is not None and not self._pending.done():
+                return None  # the broker is slow: don't pile up probes
+            self._pending = self._executor.submit(self._ask)
+            pending = self._pending
+        try:
+            return pending.result(timeout=self._timeout + WAIT_MARGIN)
+        except FutureTimeout:
+            logger.debug("pool {}: no busy-worker answer in {:.1f}s", pool.name, self._timeout + WAIT_MARGIN)
+            return None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._app.close()
+
+    def _ask(self) -> set[str] | None:
+        try:
+            replies = self._app.control.inspect(timeout=self._timeout).active()
+        except Exception as exc:  # broker down, auth, anything: the answer is just "unknown"
+            logger.debug("busy-worker probe failed: {}", exc)
+            return None
+        return busy_hosts(replies)
