@@ -33,6 +33,7 @@ from autoscaler.observability.logs import json_sink
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.load import parse_policy
 from autoscaler.policy.model import Policy
+from autoscaler.policy.watch import FixedPolicy
 from autoscaler.sources.celery_redis import CeleryRedisSource
 from autoscaler.state_store import RedisStateStore
 
@@ -57,14 +58,6 @@ def policy_text(pools: int, queues_per_pool: int) -> str:
             "      - {below: 10, replicas: 2}",
         ]
     return "\n".join(lines) + "\n"
-
-
-class FixedPolicy:
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-
-    def poll(self, *, force: bool = False) -> tuple[Policy, str | None]:
-        return self.policy, None
 
 
 def fill(client: redis.Redis, policy: Policy) -> None:

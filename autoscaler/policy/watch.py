@@ -10,7 +10,7 @@ from loguru import logger
 from autoscaler.policy.load import PolicyError, load_policy
 from autoscaler.policy.model import Policy
 
-__all__ = ["PolicyWatcher"]
+__all__ = ["FixedPolicy", "PolicyWatcher"]
 
 
 class PolicyWatcher:
@@ -47,3 +47,13 @@ class PolicyWatcher:
             return hashlib.sha256(self.path.read_bytes()).hexdigest()
         except OSError:
             return None
+
+
+class FixedPolicy:
+    """A policy source that never reloads."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def poll(self, *, force: bool = False) -> tuple[Policy, str | None]:  # noqa: ARG002 - protocol signature
+        return self.policy, None

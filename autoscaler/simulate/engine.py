@@ -20,6 +20,7 @@ from autoscaler.backends.memory import MemoryBackend
 from autoscaler.loop import Controller, TickReport
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.model import Policy
+from autoscaler.policy.watch import FixedPolicy
 from autoscaler.simulate.queueing import ClosedLoop
 from autoscaler.simulate.traces import Trace
 from autoscaler.simulate.workload import PoolCapacity, RateArrivals, RecordedArrivals
@@ -28,7 +29,6 @@ from autoscaler.types import Direction, QueueStats
 
 __all__ = [
     "TIMING_SLACK",
-    "FixedPolicy",
     "Replay",
     "ReplaySource",
     "SimClock",
@@ -55,16 +55,6 @@ class SimClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class FixedPolicy:
-    """A policy source that never reloads."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-
-    def poll(self, *, force: bool = False) -> tuple[Policy, str | None]:  # noqa: ARG002 - protocol signature
-        return self.policy, None
 
 
 class _World(Protocol):
