@@ -1,0 +1,28 @@
+# The autoscaler's own image. Base image from a build arg so builds work where the official image cannot
+# be pulled: docker build --build-arg PYTHON_IMAGE=autoscaler-local/python:bookworm .
+ARG PYTHON_IMAGE=python:3.12-slim
+
+FROM ${PYTHON_IMAGE} AS build
+RUN python3 -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY autoscaler /src/autoscaler
+RUN /opt/venv/bin/pip install --no-cache-dir /src
+
+FROM ${PYTHON_IMAGE}
+# No compiler, no pip cache, no sources: the venv is all the runtime needs.
+COPY --from=build /opt/venv /opt/venv
+COPY policies /app/policies
+# A fixed uid so the Docker socket can be granted by group (compose: group_add: [docker socket's gid]).
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin autoscaler
+WORKDIR /app
+USER 10001
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    AUTOSCALER_POLICY=/app/policies/default.yaml \
+    AUTOSCALER_METRICS_PORT=9419
+EXPOSE 9419
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9419/healthz', timeout=4)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["autoscaler"]
+CMD ["run"]
