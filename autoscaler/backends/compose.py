@@ -385,7 +385,12 @@ class ComposeBackend:
         draining, starting = self._in_flight(pool)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
-        ready = not draining and not starting and not pending and not unhealthy_yet
+        # Only our own creates hold the pool. Draining replicas are already left out of `running`, so a tick
+        # during a long warm shutdown neither stops another victim nor re-creates one, and a burst that
+        # arrives meanwhile still scales up at once. Replicas still in their healthcheck's start period are
+        # reported, not waited for: the policy's up-cooldown is the warm-up knob, and a start period of
+        # a minute must not freeze the pool in both directions.
+        ready = not starting and not pending
         detail = _detail(
             running=len(running), unhealthy_yet=unhealthy_yet, starting=max(starting, len(pending)),
             draining=len(draining), problems=problems,

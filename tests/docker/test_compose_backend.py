@@ -48,12 +48,14 @@ def fast_pool(project: ComposeProject, *, service: str = "worker", name: str = "
 
 
 def converge(backend: ComposeBackend, pool: PoolPolicy, replicas: int) -> TargetStatus:
-    """Scale to `replicas` and wait until the backend reports exactly that many, ready."""
+    """Scale to `replicas` and wait until the backend reports exactly that many, healthy, nothing draining."""
     backend.scale(pool, current=backend.status(pool).running, desired=replicas)
 
     def settled() -> TargetStatus | None:
+        # Settled for a test means more than ready-to-act: victims gone and every replica past its start period.
         status = backend.status(pool)
-        return status if status.ready and status.running == replicas else None
+        quiet = "draining" not in status.detail and "not healthy yet" not in status.detail
+        return status if status.ready and quiet and status.running == replicas else None
 
     return wait_until(settled, timeout=CONVERGE_TIMEOUT, what=f"{pool.name} to settle at {replicas} replicas")
 
