@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 
 from tests.docker.conftest import ProjectFactory
@@ -80,7 +81,7 @@ def test_run_once_scales_two_to_ten_and_dry_run_changes_nothing(
 
 
 def test_sigterm_stops_between_ticks_and_releases_the_lock(
-    compose_project: ProjectFactory, redis_url: str, redis_server: object, tmp_path: Path
+    compose_project: ProjectFactory, redis_url: str, tmp_path: Path
 ) -> None:
     """SIGTERM makes a running controller finish its tick, release the leader lock and exit 0."""
     project = compose_project("worker.yaml", "worker", tag="term")
@@ -90,8 +91,6 @@ def test_sigterm_stops_between_ticks_and_releases_the_lock(
     proc = subprocess.Popen([sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy)],
                             cwd=ROOT, env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    import redis
-
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + 30
     while client.get("autoscaler:leader") is None and time.monotonic() < deadline:
