@@ -71,6 +71,12 @@ def db(django_test_db: None) -> Iterator[None]:
     from django.core import mail  # noqa: PLC0415 - only after django.setup()
     from django.db import transaction  # noqa: PLC0415 - only after django.setup()
 
+    from core.celery import app  # noqa: PLC0415 - only after django.setup()
+
+    # Other test modules create Celery apps of their own, and the newest becomes "current"; the stack's
+    # shared_task proxies must resolve to the stack's app (its routes, its eager mode), whatever ran before.
+    app.set_current()
+    app.set_default()
     mail.outbox = []
     with transaction.atomic():
         yield
