@@ -1,6 +1,7 @@
 """The background work, one task per queue (routed by name in settings.CELERY_TASK_ROUTES).
 
-- ``send_notification`` -> ``fast``: send one mail through the configured (file-based) backend.
+- ``send_notification`` -> ``fast``: send one mail through the configured (file-based) backend, after
+  ``NOTIFICATION_LATENCY_MS`` (default 0): the mail provider's round trip, for load tests.
 - ``generate_report`` -> ``cpu_intensive``: aggregate Sale rows in PostgreSQL, then bootstrap confidence
   intervals and render HTML in Python (CPU-bound; ``rows`` and ``work`` set its size).
 - ``fetch_slow`` -> ``io_intensive``: HTTP GET on the web service's own ``/slow?ms=N``, with a timeout.
@@ -11,6 +12,7 @@ Every task derives from RecordedTask: each execution is recorded in TaskRun, onc
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import statistics
 import time
@@ -22,6 +24,7 @@ from typing import Any
 
 from celery import shared_task
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import send_mail
 from django.db.models import Avg, Count, Sum
 from django.template import engines
@@ -33,6 +36,7 @@ from reports.recording import RecordedTask
 __all__ = [
     "DEFAULT_REPORT_ROWS",
     "DEFAULT_REPORT_WORK",
+    "NOTIFICATION_LATENCY_MS",
     "PermanentHTTPError",
     "bootstrap_interval",
     "fetch_slow",
@@ -43,6 +47,24 @@ __all__ = [
 # Default work size of one report: about a second of CPU on one core of the development machine.
 DEFAULT_REPORT_ROWS = 5000
 DEFAULT_REPORT_WORK = 800
+
+
+def _latency_ms(name: str) -> int:
+    raw = os.environ.get(name, "").strip() or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 5000:
+        raise ImproperlyConfigured(f"environment variable {name}={raw!r} must be an integer from 0 to 5000 (ms)")
+    return value
+
+
+# How long a notification waits before it is sent: stands for the mail provider's round trip (an SMTP or
+# HTTP API call of a few hundred ms), which the file-based backend does not have. 0 (default) sends at
+# once; load tests set it so that a burst of notifications holds a backlog as it would in production.
+# Capped at 5 s, well under the task's soft time limit (10 s).
+NOTIFICATION_LATENCY_MS = _latency_ms("NOTIFICATION_LATENCY_MS")
 
 _REPORT_TEMPLATE = """<!doctype html>
 <html><head><title>Sales report {{ report_id }}</title></head>
@@ -72,6 +94,8 @@ class PermanentHTTPError(Exception):
 )
 def send_notification(to: str, subject: str, body: str) -> dict[str, Any]:
     """Send one notification mail (file-based backend by default: one file per message)."""
+    if NOTIFICATION_LATENCY_MS:
+        time.sleep(NOTIFICATION_LATENCY_MS / 1000.0)  # the provider's round trip (NOTIFICATION_LATENCY_MS)
     sent = send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [to], fail_silently=False)
     return {"sent": sent, "to": to}
 

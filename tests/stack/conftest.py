@@ -68,10 +68,9 @@ def django_test_db() -> Iterator[None]:
 @pytest.fixture
 def db(django_test_db: None) -> Iterator[None]:
     """Each test runs in a transaction that is rolled back afterwards."""
+    from core.celery import app  # noqa: PLC0415 - only after django.setup()
     from django.core import mail  # noqa: PLC0415 - only after django.setup()
     from django.db import transaction  # noqa: PLC0415 - only after django.setup()
-
-    from core.celery import app  # noqa: PLC0415 - only after django.setup()
 
     # Other test modules create Celery apps of their own, and the newest becomes "current"; the stack's
     # shared_task proxies must resolve to the stack's app (its routes, its eager mode), whatever ran before.
