@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import threading
@@ -36,12 +35,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
+from tests.docker.dockertest import wait_until
 
 # The first test also brings the stack up (a cold `--build` takes minutes): the timeout covers both.
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -90,25 +92,6 @@ BUSY_UNACKED = 72
 SAMPLE_EVERY_S = 0.5
 WOULD_SCALE = re.compile(r"\bwould scale fast from (\d+) to (\d+)\b")
 SCALED = {pool: re.compile(rf"scaled {pool} from (\d+) to (\d+) in ") for pool in POOLS}
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll `predicate` until it returns something truthy; fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last = predicate()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-        last = predicate()
-    return last
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: int) -> float:
