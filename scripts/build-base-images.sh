@@ -27,6 +27,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/lib.sh
+. "$HERE/lib.sh"
 # shellcheck source=scripts/images.env
 . "$HERE/images.env"
 
@@ -81,6 +83,10 @@ if ! docker info >/dev/null 2>&1; then
     exit 1
 fi
 mkdir -p "$CACHE_DIR"
+if ! have debootstrap; then
+    log "installing debootstrap (apt)"
+    apt_install debootstrap >/dev/null
+fi
 
 # Cache keys: change whenever the inputs change.
 key_of() { sha256sum | cut -c1-12; }
@@ -109,7 +115,9 @@ make_rootfs_tarball() {
         # The default mirror may not be reachable on every machine: retry with
         # the first Debian mirror this host's own apt configuration uses.
         local mirror
-        mirror=$(host_debian_mirror)
+        # `|| true`: no mirror found is an answer, not an error (under pipefail it would end the script here,
+        # silently, before the log below is shown).
+        mirror=$(host_debian_mirror || true)
         if [ -z "$mirror" ]; then
             tail -n 30 "$CACHE_DIR/debootstrap.log" >&2
             return 1

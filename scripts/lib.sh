@@ -1,0 +1,109 @@
+# shellcheck shell=bash
+# Helpers shared by the set-up scripts (sourced, not run). Each script supports two kinds of user:
+# root, and a user who may sudo. Nothing here assumes either: every privileged step goes through as_root.
+
+# dockerd, debootstrap, usermod and friends live in /usr/sbin, which is not on an ordinary user's PATH:
+# without it a sudoer would see them as missing and reinstall them on every run.
+case ":$PATH:" in
+    *:/usr/sbin:*) ;;
+    *) PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" ;;
+esac
+export PATH
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Run a command as root: directly when we are root, through sudo otherwise. Environment for the command
+# goes through `env`, never `sudo -E` (which some sudoers policies refuse and which is empty as root).
+as_root() {
+    if is_root; then
+        "$@"
+    elif have sudo; then
+        sudo -- "$@"
+    else
+        echo "this step needs root and sudo is not installed: run as root, or install sudo ($*)" >&2
+        return 1
+    fi
+}
+
+# Can the user run privileged steps without a password prompt hanging a CI job?
+can_be_root() {
+    is_root && return 0
+    have sudo || return 1
+    # -n: never prompt; a terminal user is asked by sudo itself later, so only fail without one.
+    sudo -n true 2>/dev/null || [ -t 0 ]
+}
+
+apt_install() {
+    # Install Debian packages; waits for another apt/dpkg to release its locks first.
+    local _
+    if ! have apt-get; then
+        echo "apt-get is not available: install these yourself: $*" >&2
+        return 1
+    fi
+    for _ in $(seq 1 150); do
+        if ! have fuser || ! as_root fuser /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock \
+                /var/lib/apt/lists/lock >/dev/null 2>&1; then
+            break
+        fi
+        echo "waiting for another apt/dpkg process to finish..." >&2
+        sleep 2
+    done
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+# Is a process alive? `kill -0` cannot tell: it fails with EPERM for a process of another user (e.g. a
+# dockerd started through sudo), which would read as "dead".
+pid_alive() { [ -n "${1:-}" ] && [ -d "/proc/$1" ]; }
+
+# `docker` as this user can reach the engine.
+docker_ok() { docker info >/dev/null 2>&1; }
+
+# The engine answers, but only to root: the user is not in the socket's group.
+docker_needs_root() { ! docker_ok && ! is_root && have sudo && sudo -n docker info >/dev/null 2>&1; }
+
+# `docker compose` (v2 plugin) when it is there, else `docker-compose` (v1); prints the command or nothing.
+compose_cmd() {
+    if docker compose version >/dev/null 2>&1; then
+        echo "docker compose"
+    elif have docker-compose; then
+        echo "docker-compose"
+    fi
+}
+
+# The settings `scripts/up` chose for this checkout (images, socket group, secrets), written to
+# .autoscaler/up.env so that `scripts/compose` and `scripts/demo` run the same project the same way.
+# Variables already set in the environment win.
+load_up_env() {
+    local root=$1 file line name
+    file="$root/.autoscaler/up.env"
+    if [ -f "$file" ]; then
+        while IFS= read -r line || [ -n "$line" ]; do
+            case "$line" in ''|'#'*) continue ;; esac
+            name=${line%%=*}
+            [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
+            [ -n "${!name+x}" ] || export "${line?}"
+        done <"$file"
+    fi
+    export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-stack}"
+}
+
+# Make sure the engine runs and this user can reach it (scripts/docker-up.sh), then return. A user that
+# docker-up.sh has just added to the socket's group does not have it in this shell yet: the calling script
+# is re-run under it (`sg docker`), once. Usage: ensure_docker "$0" "$@"
+ensure_docker() {
+    local script=$1 rc
+    shift
+    set +e
+    "$(dirname "${BASH_SOURCE[0]}")/docker-up.sh"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 3 ] && [ -z "${AUTOSCALER_UNDER_SG:-}" ] && have sg; then
+        echo "re-running $script under the docker group (sg docker)" >&2
+        export AUTOSCALER_UNDER_SG=1
+        exec sg docker -c "$(printf '%q ' "$script" "$@")"
+    fi
+    return "$rc"
+}
