@@ -1,7 +1,13 @@
-"""Shared fixtures: a real redis-server per test session, a clean database per test."""
+"""Shared fixtures: a real redis-server per test session, a clean database per test.
+
+Also the guard `.ci/run` turns on with AUTOSCALER_REQUIRE_DOCKER=1: the run fails if any test marked
+`docker` was deselected (`-m`, `-k`) or skipped, or if none ran, so that a green CI always includes the
+Docker end-to-end tests. A skip whose reason starts with "opt-in:" is allowed (and listed).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +18,50 @@ from pathlib import Path
 
 import pytest
 import redis
+
+OPT_IN_PREFIX = "opt-in:"
+_docker_tests: dict[str, list[str]] = {"ran": [], "deselected": [], "skipped": [], "opted_out": []}
+
+
+def _requires_docker() -> bool:
+    return os.environ.get("AUTOSCALER_REQUIRE_DOCKER") == "1"
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _docker_tests["deselected"].extend(item.nodeid for item in items if item.get_closest_marker("docker"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "docker" not in report.keywords:
+        return
+    if report.skipped:
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        kind = "opted_out" if reason.removeprefix("Skipped: ").startswith(OPT_IN_PREFIX) else "skipped"
+        _docker_tests[kind].append(f"{report.nodeid} ({reason})")
+    elif report.when == "call":
+        _docker_tests["ran"].append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _requires_docker() or exitstatus not in (0, 1):
+        return
+    problems = []
+    if _docker_tests["deselected"]:
+        problems.append(f"{len(_docker_tests['deselected'])} Docker test(s) deselected")
+    if _docker_tests["skipped"]:
+        problems.append(f"{len(_docker_tests['skipped'])} Docker test(s) skipped: {_docker_tests['skipped']}")
+    if not _docker_tests["ran"]:
+        problems.append("no Docker test ran")
+    if problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.section("Docker tests (AUTOSCALER_REQUIRE_DOCKER=1)")
+        reporter.write_line(f"{len(_docker_tests['ran'])} ran")
+        for line in _docker_tests["opted_out"]:
+            reporter.write_line(f"opt-in, not run here: {line}")
+        for problem in problems:
+            reporter.write_line(f"FAILED: {problem}", red=True)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ __all__ = [
     "ComposeProject",
     "compose_command",
     "make_pool",
+    "remove_network",
     "unique_name",
     "wait_until",
 ]
@@ -47,6 +49,32 @@ def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, 
         time.sleep(interval)
         last = predicate()
     return last
+
+
+def remove_network(client: docker.DockerClient, network_id: str, *, timeout: float = 30.0) -> None:
+    """Remove a network whose containers were just removed, however the engine lags behind.
+
+    The engine releases a removed container's endpoint asynchronously, so an immediate removal can fail with
+    "has active endpoints" (seen as a teardown error on a fresh machine). Each attempt force-disconnects
+    whatever the network still lists, then tries again, until it is gone or `timeout` passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            network = client.networks.get(network_id)
+            network.reload()
+            for container_id in (network.attrs.get("Containers") or {}):
+                # Already gone: its endpoint is what the engine is still releasing.
+                with contextlib.suppress(docker.errors.APIError):
+                    network.disconnect(container_id, force=True)
+            network.remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def make_pool(
@@ -125,6 +153,6 @@ class ComposeProject:
         for container in self.containers():
             container.remove(force=True, v=True)
         for network in self.client.networks.list(filters={"label": f"com.docker.compose.project={self.name}"}):
-            network.remove()
+            remove_network(self.client, network.id)
         for volume in self.client.volumes.list(filters={"label": f"com.docker.compose.project={self.name}"}):
             volume.remove(force=True)

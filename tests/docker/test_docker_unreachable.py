@@ -104,7 +104,7 @@ def _dockerd() -> int:
 
 @pytest.mark.skipif(
     os.environ.get("AUTOSCALER_TEST_RESTART_DOCKERD") != "1",
-    reason="stops the shared dockerd; opt in with AUTOSCALER_TEST_RESTART_DOCKERD=1",
+    reason="opt-in: stops the shared dockerd; run with AUTOSCALER_TEST_RESTART_DOCKERD=1",
 )
 def test_the_backend_recovers_when_dockerd_restarts(compose_project: Any) -> None:
     """While dockerd is down status() fails clearly; once it is back the same backend works again."""
