@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from autoscaler.actions import ActionResult, Actuator
-from autoscaler.backends.base import Backend, BackendError, TargetStatus
+from autoscaler.backends.base import Backend, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import Policy, PoolPolicy
@@ -27,7 +27,11 @@ from autoscaler.sources.base import MetricSource, SourceError
 from autoscaler.state_store import StateStoreError
 from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
 
-__all__ = ["Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
+__all__ = ["STARTUP_GRACE", "Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
+
+# For this long after its first tick, a controller reports a pool whose target does not exist yet as a
+# warning: started beside the stack (`compose up`, `stack deploy`), it may tick before the workers exist.
+STARTUP_GRACE = 60.0
 
 
 class StateStore(Protocol):
@@ -76,10 +80,14 @@ class Controller:
     states: dict[str, PoolState] | None = None
     last_good_tick: float | None = None
     role: str = "starting"
+    startup_grace: float = STARTUP_GRACE
     _checked: set[str] = field(default_factory=set)
+    _first_tick: float | None = None
 
     def tick(self, *, force_reload: bool = False) -> TickReport:
         started = self.clock()
+        if self._first_tick is None:
+            self._first_tick = started
         policy, event = self.policies.poll(force=force_reload)
         if event is not None:
             self.metrics.policy_reloads.labels("ok" if event == "reloaded" else "invalid").inc()
@@ -150,9 +158,19 @@ class Controller:
                 self._checked.add(pool.name)
             return self.backend.status(pool), None
         except BackendError as exc:
-            self.metrics.backend_errors.labels(pool.name).inc()
-            logger.bind(pool=pool.name, error=str(exc)).error("pool {}: {}; holding", pool.name, exc)
+            self._report_backend_error(pool, exc)
             return None, str(exc)
+
+    def _report_backend_error(self, pool: PoolPolicy, exc: BackendError) -> None:
+        log = logger.bind(pool=pool.name, error=str(exc))
+        if isinstance(exc, TargetNotFoundError) and self._starting_up():
+            log.warning("pool {}: waiting for its target to appear ({}); holding", pool.name, exc)
+            return
+        self.metrics.backend_errors.labels(pool.name).inc()
+        log.error("pool {}: {}; holding", pool.name, exc)
+
+    def _starting_up(self) -> bool:
+        return self._first_tick is not None and self.clock() - self._first_tick < self.startup_grace
 
     def _reconcile(
         self,

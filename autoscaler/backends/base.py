@@ -7,7 +7,7 @@ from typing import Protocol
 
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["OWNER_LABEL", "Backend", "BackendError", "TargetStatus"]
+__all__ = ["OWNER_LABEL", "Backend", "BackendError", "TargetNotFoundError", "TargetStatus"]
 
 # The opt-in label a container or service must carry, with the pool's name as value, before any backend
 # touches it: a look-alike without it is never scaled.
@@ -16,6 +16,14 @@ OWNER_LABEL = "autoscaler.pool"
 
 class BackendError(Exception):
     """The backend could not answer or act (after its own retries); the pool holds and the loop goes on."""
+
+
+class TargetNotFoundError(BackendError):
+    """The pool's target does not exist yet (no service, or no container to clone and no template).
+
+    Right after `compose up` or `stack deploy` this is a start-up race that resolves itself within seconds;
+    the loop reports it as a warning during its first minute and as an error after that.
+    """
 
 
 @dataclass(frozen=True, slots=True)

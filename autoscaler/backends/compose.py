@@ -29,7 +29,7 @@ import docker
 import redis
 from loguru import logger
 
-from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetStatus
+from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
 from autoscaler.policy.model import PoolPolicy
 
@@ -369,7 +369,7 @@ class ComposeBackend:
         target = self._target(pool)
         replicas = self._replicas(pool, target)
         if not replicas and self._load_template(target) is None:
-            raise BackendError(
+            raise TargetNotFoundError(
                 f"{target} has no containers and no recorded template for pool {pool.name}: run "
                 f"`docker compose -p {target.project} up -d {target.service}` once so the autoscaler can "
                 "clone it"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autoscaler.backends.base import BackendError, TargetStatus
+from autoscaler.backends.base import BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = ["MemoryBackend"]
@@ -21,7 +21,7 @@ class MemoryBackend:
     def check(self, pool: PoolPolicy) -> None:
         self._maybe_fail()
         if pool.target.service not in self.replicas:
-            raise BackendError(f"{pool.target.kind} service {pool.target.service!r} does not exist")
+            raise TargetNotFoundError(f"{pool.target.kind} service {pool.target.service!r} does not exist")
 
     def status(self, pool: PoolPolicy) -> TargetStatus:
         self.check(pool)

@@ -16,7 +16,7 @@ import docker
 from docker.types import ServiceMode
 from loguru import logger
 
-from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetStatus
+from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.backends.docker_client import (
     DockerConflictError,
     DockerConnection,
@@ -129,7 +129,7 @@ class SwarmBackend:
                 f"inspect swarm service {name}", lambda c: untyped_api(c).inspect_service(name)
             )
         except DockerNotFoundError as exc:
-            raise BackendError(
+            raise TargetNotFoundError(
                 f"swarm service {name} (pool {pool.name}) does not exist; deploy the stack first, or fix the "
                 "name (stack services are named <stack>_<service>)"
             ) from exc

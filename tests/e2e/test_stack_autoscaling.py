@@ -43,7 +43,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
-from tests.docker.dockertest import wait_until
+from tests.docker.dockertest import remove_network, wait_until
 
 # The first test also brings the stack up (a cold `--build` takes minutes): the timeout covers both.
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -291,7 +291,7 @@ class Stack:
             self.client.api.remove_container(c["Id"], force=True, v=True)
         label = {"label": f"{PROJECT_LABEL}={self.project}"}
         for network in self.client.networks.list(filters=label):
-            network.remove()
+            remove_network(self.client, network.id)
         for volume in self.client.volumes.list(filters=label):
             volume.remove(force=True)
         assert not left, f"`compose down` left containers behind: {[(c['Names'], c['Status']) for c in left]}"
@@ -468,6 +468,10 @@ def stack(docker_setup: Any, figures: Any) -> Iterator[Stack]:
         built = time.monotonic()
         s.wait_at_rest(timeout=240)
         figures.record(build_and_up_s=round(built - begin, 1), healthy_after_s=round(time.monotonic() - built, 1))
+        # A normal start-up is quiet: the controller may tick before the workers exist, which it reports as a
+        # warning that it waits, never as an ERROR (deploy/compose.yaml also starts it after the workers).
+        errors = [line for line in s.autoscaler_log() if line.get("level") in ("ERROR", "CRITICAL")]
+        assert not errors, f"the autoscaler logged errors during a normal start-up: {errors}"
         yield s
     finally:
         s.down()
