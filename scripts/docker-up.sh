@@ -51,21 +51,23 @@ missing_packages() {
     [ "${#pkgs[@]}" -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 
-mapfile -t need < <(missing_packages)
-if [ "${#need[@]}" -gt 0 ]; then
+# Plain words, not arrays: this part also runs on macOS's bash 3.2 (Docker Desktop), which has no mapfile.
+need=$(missing_packages | tr '\n' ' ' | sed 's/ $//')
+if [ -n "$need" ]; then
     if [ "${DOCKER_UP_NO_INSTALL:-0}" = 1 ]; then
-        die "missing: ${need[*]} (DOCKER_UP_NO_INSTALL=1, so nothing is installed)"
+        die "missing: $need (DOCKER_UP_NO_INSTALL=1, so nothing is installed)"
     fi
     if ! have apt-get; then
-        die "missing: ${need[*]}; this is not a Debian/Ubuntu machine: install Docker Engine and Compose yourself"
+        die "missing: $need; this is not a Debian/Ubuntu machine: install Docker Engine and Compose yourself"
     fi
     if ! can_be_root; then
-        die "missing: ${need[*]}; installing them needs root: run as root, or as a user who may sudo"
+        die "missing: $need; installing them needs root: run as root, or as a user who may sudo"
     fi
-    log "installing: ${need[*]} (apt)"
-    apt_install "${need[@]}" iptables >/dev/null
-    mapfile -t still < <(missing_packages)
-    [ "${#still[@]}" -eq 0 ] || die "apt finished but these are still missing: ${still[*]}"
+    log "installing: $need (apt)"
+    # shellcheck disable=SC2086  # one word per package
+    apt_install $need iptables >/dev/null
+    still=$(missing_packages | tr '\n' ' ')
+    [ -z "$still" ] || die "apt finished but these are still missing: $still"
 fi
 
 # --------------------------------------------------------------------------
@@ -105,7 +107,7 @@ start_dockerd() {
     [ -n "$driver" ] && args+=(--storage-driver="$driver")
     log "starting dockerd ${args[*]:-(default storage driver)} (log: $DOCKERD_LOG)"
     # setsid + nohup: the daemon must outlive this script and its caller.
-    as_root setsid nohup dockerd "${args[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    as_root setsid nohup dockerd ${args[@]+"${args[@]}"} >>"$DOCKERD_LOG" 2>&1 </dev/null &
 }
 
 stop_our_dockerd() {

@@ -107,3 +107,51 @@ ensure_docker() {
     fi
     return "$rc"
 }
+
+# The base images for the stack and the autoscaler: PYTHON_IMAGE, REDIS_IMAGE, POSTGRES_IMAGE, exported.
+# Values in the environment win; else the official images when they are here or can be pulled (each pull
+# bounded by AUTOSCALER_PULL_TIMEOUT, default 120 s, so that a registry that does not answer costs a
+# bounded wait); else the local stand-ins, built with debootstrap by scripts/build-base-images.sh (root).
+OFFICIAL_PYTHON=python:3.12-slim
+OFFICIAL_REDIS=redis:7.4-alpine
+OFFICIAL_POSTGRES=postgres:16-alpine
+
+choose_images() {
+    local here image official=1
+    here=$(dirname "${BASH_SOURCE[0]}")
+    if [ -n "${PYTHON_IMAGE:-}" ] && [ -n "${REDIS_IMAGE:-}" ] && [ -n "${POSTGRES_IMAGE:-}" ]; then
+        echo "images from the environment: $PYTHON_IMAGE, $REDIS_IMAGE, $POSTGRES_IMAGE" >&2
+        return 0
+    fi
+    for image in "$OFFICIAL_PYTHON" "$OFFICIAL_REDIS" "$OFFICIAL_POSTGRES"; do
+        docker image inspect "$image" >/dev/null 2>&1 && continue
+        echo "pulling $image (at most ${AUTOSCALER_PULL_TIMEOUT:-120}s)" >&2
+        if ! _pull_bounded "$image"; then
+            echo "cannot pull $image: no registry answers here; using local stand-ins instead" >&2
+            official=0
+            break
+        fi
+    done
+    if [ "$official" = 1 ]; then
+        export PYTHON_IMAGE=$OFFICIAL_PYTHON REDIS_IMAGE=$OFFICIAL_REDIS POSTGRES_IMAGE=$OFFICIAL_POSTGRES
+        return 0
+    fi
+    if ! can_be_root; then
+        echo "building the local stand-in images needs root (debootstrap): run as root or a sudoer" >&2
+        return 1
+    fi
+    as_root "$here/build-base-images.sh"
+    # Only the stand-ins' names: what the environment already set (e.g. one image) is kept.
+    # shellcheck source=scripts/images.env
+    . "$here/images.env"
+}
+
+_pull_bounded() {
+    if have timeout; then
+        timeout "${AUTOSCALER_PULL_TIMEOUT:-120}" docker pull -q "$1" >/dev/null 2>&1
+    else
+        docker pull -q "$1" >/dev/null 2>&1
+    fi
+}
+
+random_secret() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }

@@ -36,6 +36,7 @@ from reports.recording import RecordedTask
 __all__ = [
     "DEFAULT_REPORT_ROWS",
     "DEFAULT_REPORT_WORK",
+    "MAX_LATENCY_MS",
     "NOTIFICATION_LATENCY_MS",
     "PermanentHTTPError",
     "bootstrap_interval",
@@ -49,13 +50,16 @@ DEFAULT_REPORT_ROWS = 5000
 DEFAULT_REPORT_WORK = 800
 
 
+MAX_LATENCY_MS = 5000
+
+
 def _latency_ms(name: str) -> int:
     raw = os.environ.get(name, "").strip() or "0"
     try:
         value = int(raw)
     except ValueError:
         value = -1
-    if not 0 <= value <= 5000:
+    if not 0 <= value <= MAX_LATENCY_MS:
         raise ImproperlyConfigured(f"environment variable {name}={raw!r} must be an integer from 0 to 5000 (ms)")
     return value
 
@@ -65,6 +69,16 @@ def _latency_ms(name: str) -> int:
 # once; load tests set it so that a burst of notifications holds a backlog as it would in production.
 # Capped at 5 s, well under the task's soft time limit (10 s).
 NOTIFICATION_LATENCY_MS = _latency_ms("NOTIFICATION_LATENCY_MS")
+
+
+
+def _clamped_latency_ms(value: object) -> int:
+    try:
+        number = int(value)  # type: ignore[call-overload]  # any JSON value may arrive in a message
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return min(max(number, 0), MAX_LATENCY_MS)
+
 
 _REPORT_TEMPLATE = """<!doctype html>
 <html><head><title>Sales report {{ report_id }}</title></head>
@@ -92,10 +106,16 @@ class PermanentHTTPError(Exception):
     soft_time_limit=10,
     time_limit=20,
 )
-def send_notification(to: str, subject: str, body: str) -> dict[str, Any]:
-    """Send one notification mail (file-based backend by default: one file per message)."""
-    if NOTIFICATION_LATENCY_MS:
-        time.sleep(NOTIFICATION_LATENCY_MS / 1000.0)  # the provider's round trip (NOTIFICATION_LATENCY_MS)
+def send_notification(to: str, subject: str, body: str, latency_ms: int | None = None) -> dict[str, Any]:
+    """Send one notification mail (file-based backend by default: one file per message).
+
+    ``latency_ms`` stands for the mail provider's round trip for this one message (a demo or load test sets
+    it, `loadgen --latency-ms`); None uses NOTIFICATION_LATENCY_MS. A message's value is clamped to the same
+    0..5000 ms as the setting: a message must not hold a worker process past the task's soft limit.
+    """
+    delay_ms = NOTIFICATION_LATENCY_MS if latency_ms is None else _clamped_latency_ms(latency_ms)
+    if delay_ms:
+        time.sleep(delay_ms / 1000.0)
     sent = send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [to], fail_silently=False)
     return {"sent": sent, "to": to}
 

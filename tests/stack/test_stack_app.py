@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -16,10 +17,12 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reports.accounting import account
 from reports.checks import check_task_routes
 from reports.models import EnqueuedTask, Report, TaskRun
-from reports.tasks import fetch_slow, generate_report, send_notification
+from reports.tasks import MAX_LATENCY_MS, _clamped_latency_ms, fetch_slow, generate_report, send_notification
 
 
 def test_post_report_answers_202_with_id_and_the_task_records_the_result(db):
@@ -204,3 +207,25 @@ def test_database_from_url_rejects_unknown_scheme():
     """Only postgres and sqlite URLs are accepted."""
     with pytest.raises(ImproperlyConfigured):
         database_from_url("mysql://db/x")
+
+
+@given(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
+        st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_a_messages_latency_is_clamped_never_raises(value):
+    """Whatever a message carries as `latency_ms` (any JSON value), the sleep is 0..5000 ms and nothing raises."""
+    assert 0 <= _clamped_latency_ms(value) <= MAX_LATENCY_MS
+
+
+def test_a_notification_waits_the_latency_its_message_asks_for(db):
+    """`latency_ms` in the message (loadgen --latency-ms, the demo) makes the notification take that long."""
+    started = time.monotonic()
+    send_notification.apply(
+        kwargs={"to": "a@example.invalid", "subject": "s", "body": "b", "latency_ms": 300}, task_id="lat-1"
+    )
+    assert time.monotonic() - started >= 0.3
+    assert TaskRun.objects.get(task_id="lat-1").status == "succeeded"

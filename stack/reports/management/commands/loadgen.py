@@ -1,7 +1,8 @@
 """Enqueue real tasks on one queue, recording each id in EnqueuedTask BEFORE it is published.
 
     python manage.py loadgen --queue fast --count 1000 [--rate R | --ramp FROM:TO:SECONDS |
-        --burst SIZE[:EVERY]] [--run LABEL] [--ids-file PATH] [--ms 200] [--rows 5000 --work 60]
+        --burst SIZE[:EVERY]] [--run LABEL] [--ids-file PATH] [--latency-ms 1000] [--ms 200]
+        [--rows 5000 --work 60]
 
 Prints one JSON line at the end (run label, counts, achieved rate, publish latency). Compare enqueued and
 completed afterwards with ``python manage.py taskreport --run LABEL [--wait SECONDS]``.
@@ -23,7 +24,14 @@ from core.celery import app
 from reports.accounting import percentiles
 from reports.loadgen import Burst, Ramp, parse_burst, parse_ramp, send_offsets
 from reports.models import EnqueuedTask, Report
-from reports.tasks import DEFAULT_REPORT_ROWS, DEFAULT_REPORT_WORK, fetch_slow, generate_report, send_notification
+from reports.tasks import (
+    DEFAULT_REPORT_ROWS,
+    DEFAULT_REPORT_WORK,
+    MAX_LATENCY_MS,
+    fetch_slow,
+    generate_report,
+    send_notification,
+)
 
 QUEUE_ALIASES = {
     "fast": settings.QUEUE_FAST,
@@ -48,6 +56,13 @@ class Command(BaseCommand):
         shape.add_argument("--burst", type=str, help="SIZE[:EVERY], SIZE tasks every EVERY seconds")
         parser.add_argument("--run", default=None, help="label for this run (default: lg-<time>-<random>)")
         parser.add_argument("--ids-file", type=Path, help="also append 'task_id<TAB>queue<TAB>run' lines here")
+        parser.add_argument(
+            "--latency-ms",
+            type=int,
+            default=None,
+            help="fast: the mail provider's round trip each notification waits, 0..5000 ms (default: the "
+            "workers' NOTIFICATION_LATENCY_MS)",
+        )
         parser.add_argument("--ms", type=int, default=200, help="io: how long /slow takes, ms")
         parser.add_argument("--timeout", type=float, default=5.0, help="io: HTTP timeout, seconds")
         parser.add_argument("--rows", type=int, default=DEFAULT_REPORT_ROWS, help="cpu: rows to aggregate")
@@ -58,6 +73,9 @@ class Command(BaseCommand):
         count: int = options["count"]
         if count <= 0:
             raise CommandError("--count must be > 0")
+        latency_ms = options["latency_ms"]
+        if latency_ms is not None and not 0 <= latency_ms <= MAX_LATENCY_MS:
+            raise CommandError(f"--latency-ms must be from 0 to {MAX_LATENCY_MS}")
         try:
             ramp: Ramp | None = parse_ramp(options["ramp"]) if options["ramp"] else None
             burst: Burst | None = parse_burst(options["burst"]) if options["burst"] else None
@@ -144,11 +162,14 @@ def _arguments(
     queue: str, index: int, task_id: str, run: str, options: dict[str, Any]
 ) -> tuple[list[Any], dict[str, Any]]:
     if queue == settings.QUEUE_FAST:
-        return [], {
+        kwargs: dict[str, Any] = {
             "to": f"user{index}@example.invalid",
             "subject": f"[{run}] notification #{index}",
             "body": f"Load generator run {run}, task {task_id}.",
         }
+        if options.get("latency_ms") is not None:
+            kwargs["latency_ms"] = options["latency_ms"]
+        return [], kwargs
     if queue == settings.QUEUE_CPU:
         return [task_id], {}
     return [], {"ms": options["ms"], "timeout_s": options["timeout"]}
