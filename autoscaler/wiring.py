@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from loguru import logger
@@ -88,7 +88,6 @@ def _redis(url: str) -> redis.Redis:
 
 def build_backend(
     settings: Settings,
-    state_client: redis.Redis,
     metrics: Metrics | None = None,
     *,
     docker_retry_budget: float | None = None,
@@ -96,7 +95,7 @@ def build_backend(
     """The Docker backends (Compose and Swarm) behind one router, sharing one lazy Engine API client."""
     # docker-py and Celery's control client are only needed here, not by validate/schema/simulate.
     from autoscaler.backends.celery_busy import CeleryBusyProbe  # noqa: PLC0415
-    from autoscaler.backends.compose import ComposeBackend, RedisTemplateStore  # noqa: PLC0415
+    from autoscaler.backends.compose import ComposeBackend  # noqa: PLC0415
     from autoscaler.backends.docker_client import DockerConnection  # noqa: PLC0415
     from autoscaler.backends.router import BackendRouter  # noqa: PLC0415
     from autoscaler.backends.swarm import SwarmBackend  # noqa: PLC0415
@@ -114,23 +113,42 @@ def build_backend(
     compose = ComposeBackend(
         docker_connection=connection,
         default_project=settings.compose_project,
-        templates=RedisTemplateStore(state_client, prefix=settings.state_prefix),
         busy_probe=CeleryBusyProbe(broker_url=settings.redis_url, timeout=settings.busy_probe_timeout),
         on_replica_failure=on_replica_failure,
     )
     return BackendRouter(compose=compose, swarm=SwarmBackend(docker_connection=connection))
 
 
+def forget_legacy_templates(client: redis.Redis, *, prefix: str) -> int:
+    """Delete the container templates that versions before 0.2 kept in Redis; how many were deleted.
+
+    They were full `docker inspect`s, worker environments (database password, secret key) included, in the
+    broker that every web and worker container can read. Nothing reads them any more; a Redis that cannot
+    be reached now is left for the next start.
+    """
+    deleted = 0
+    try:
+        for key in client.scan_iter(match=f"{prefix}template:*", count=500):
+            deleted += int(cast(int, client.delete(key)))
+    except redis.RedisError as exc:
+        logger.warning("could not delete old container templates from Redis ({}); will try at the next start", exc)
+        return deleted
+    if deleted:
+        logger.info("deleted {} container template(s) that an earlier version kept in Redis", deleted)
+    return deleted
+
+
 def build_controller(settings: Settings, *, record: Path | None = None) -> App:
     watcher = PolicyWatcher(settings.policy)
     policy = watcher.policy
     state_client = _redis(settings.state_redis_url or settings.redis_url)
+    forget_legacy_templates(state_client, prefix=settings.state_prefix)
     interval = settings.interval or policy.interval
     metrics = Metrics()
     controller = Controller(
         policies=watcher,
         source=CeleryRedisSource(url=settings.redis_url, broker=policy.broker),
-        backend=build_backend(settings, state_client, metrics),
+        backend=build_backend(settings, metrics),
         store=RedisStateStore(state_client, prefix=settings.state_prefix),
         metrics=metrics,
         lock=LeaderLock(
@@ -165,7 +183,7 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
     if backend is None:
         try:
             # A person is waiting: a daemon that does not answer within a couple of seconds is reported.
-            backend = build_backend(settings, state_client, docker_retry_budget=STATUS_DOCKER_RETRY_BUDGET)
+            backend = build_backend(settings, docker_retry_budget=STATUS_DOCKER_RETRY_BUDGET)
         except BackendError as exc:
             logger.warning("no backend: {}", exc)
     now = time.time()

@@ -9,11 +9,15 @@ pool's grace period (SIGTERM: Celery's warm shutdown) in background threads, the
 Convergent rather than transactional: every call re-reads the containers, so a controller that crashed
 mid-scale is repaired by the next tick (leftover never-started containers are removed; the running count
 is the truth).
+
+Docker is the only source of a clone's configuration: the service's own newest container. Scaling to zero
+keeps one replica stopped (not removed) so that there is still something to clone; nothing is ever read
+from Redis to build a container, because every web and worker container can write the broker (a template
+kept there let a broker client start a privileged container with the host's root mounted).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import socket
@@ -21,12 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
 import docker
-import redis
 from loguru import logger
 
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
@@ -41,15 +44,11 @@ __all__ = [
     "ONEOFF_LABEL",
     "PROJECT_LABEL",
     "SERVICE_LABEL",
-    "TEMPLATE_KEY",
     "BusyProbe",
     "ComposeBackend",
-    "MemoryTemplateStore",
-    "RedisTemplateStore",
     "Replica",
     "ReplicaFailureHook",
     "ReplicaProblems",
-    "TemplateStore",
     "choose_victims",
     "clone_config",
     "normalize_project",
@@ -63,8 +62,6 @@ VERSION_LABEL = "com.docker.compose.version"
 # Marks the containers this backend created, so only its own crashed starts are ever cleaned up: a
 # `docker compose create` / `up --no-start` container of the same service is the operator's to start.
 CLONE_LABEL = "autoscaler.clone"
-TEMPLATE_KEY = "{prefix}template:{project}:{service}"
-DEFAULT_KEY_PREFIX = "autoscaler:"
 # A `created` container younger than this may be `docker compose up` between create and start; older
 # ones are leftovers of a start that crashed and are removed.
 CREATED_GRACE = 60.0
@@ -75,7 +72,6 @@ START_WORKERS = 8
 STOP_WORKERS = 32
 # On close, how long to let stops that are under way finish their remove step.
 CLOSE_GRACE = 5.0
-TEMPLATE_VERSION = 1
 # Container fields that belong to one container only and must not be cloned.
 _PER_CONTAINER_CONFIG = ("Hostname", "MacAddress")
 _EXIT_CODE = re.compile(r"^Exited \((-?\d+)\)")
@@ -86,58 +82,6 @@ _CONTAINER_ID_IN_MOUNTS = re.compile(r"/containers/([0-9a-f]{64})/")
 BusyProbe = Callable[[PoolPolicy], set[str] | None]
 # Called once per replica newly found failed: (pool name, reason: "exited", "oom-killed" or "dead").
 ReplicaFailureHook = Callable[[str, str], None]
-
-
-class TemplateStore(Protocol):
-    """Where the last seen replica's `docker inspect` is kept, to scale a service back up from zero."""
-
-    def load(self, *, project: str, service: str) -> dict[str, Any] | None: ...
-
-    def save(self, *, project: str, service: str, template: dict[str, Any]) -> None: ...
-
-
-class RedisTemplateStore:
-    """Templates as JSON under `{prefix}template:{project}:{service}` (prefix: settings.state_prefix)."""
-
-    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_KEY_PREFIX) -> None:
-        self._client = client
-        self._prefix = prefix
-
-    def key(self, *, project: str, service: str) -> str:
-        return TEMPLATE_KEY.format(prefix=self._prefix, project=project, service=service)
-
-    def load(self, *, project: str, service: str) -> dict[str, Any] | None:
-        try:
-            # redis-py types every reply as "maybe awaitable"; this synchronous client returns the value.
-            raw = cast(bytes | None, self._client.get(self.key(project=project, service=service)))
-        except redis.RedisError as exc:
-            raise BackendError(
-                f"cannot read the container template of {project}/{service} from Redis: {exc}"
-            ) from exc
-        if raw is None:
-            return None
-        document = json.loads(raw)
-        if not isinstance(document, dict) or document.get("version") != TEMPLATE_VERSION:
-            return None
-        template = document.get("container")
-        return template if isinstance(template, dict) else None
-
-    def save(self, *, project: str, service: str, template: dict[str, Any]) -> None:
-        document = {"version": TEMPLATE_VERSION, "saved_at": time.time(), "container": template}
-        self._client.set(self.key(project=project, service=service), json.dumps(document))
-
-
-@dataclass
-class MemoryTemplateStore:
-    """Templates in a dict: for tests, or without Redis (scaling up from zero then needs a live replica)."""
-
-    templates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-
-    def load(self, *, project: str, service: str) -> dict[str, Any] | None:
-        return self.templates.get((project, service))
-
-    def save(self, *, project: str, service: str, template: dict[str, Any]) -> None:
-        self.templates[(project, service)] = template
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +273,8 @@ class ComposeBackend:
     """Backend for `target: {compose: {service, project}}` pools, talking to the Engine API.
 
     `default_project` is used for pools that name no project; without it, the project of the container
-    this controller runs in. `templates` remembers the last replica seen so a service at zero can be
-    scaled up again. `busy_probe` says which Celery workers are running a task, so idle ones are stopped
+    this controller runs in. A service scaled to zero keeps one stopped replica, which is what a later
+    scale-up clones. `busy_probe` says which Celery workers are running a task, so idle ones are stopped
     first. `on_replica_failure` is called once per replica newly found exited/OOM-killed/dead (for a
     Prometheus counter); `unhealthy(pool)` gives the current numbers.
     """
@@ -340,7 +284,6 @@ class ComposeBackend:
         *,
         docker_connection: DockerConnection,
         default_project: str | None = None,
-        templates: TemplateStore | None = None,
         busy_probe: BusyProbe | None = None,
         on_replica_failure: ReplicaFailureHook | None = None,
         created_grace: float = CREATED_GRACE,
@@ -348,7 +291,6 @@ class ComposeBackend:
     ) -> None:
         self._docker = docker_connection
         self._default_project = normalize_project(default_project) if default_project else None
-        self._templates = templates
         self._busy_probe = busy_probe
         self._on_failure = on_replica_failure
         self._created_grace = created_grace
@@ -368,19 +310,14 @@ class ComposeBackend:
     def check(self, pool: PoolPolicy) -> None:
         target = self._target(pool)
         replicas = self._replicas(pool, target)
-        if not replicas and self._load_template(target) is None:
-            raise TargetNotFoundError(
-                f"{target} has no containers and no recorded template for pool {pool.name}: run "
-                f"`docker compose -p {target.project} up -d {target.service}` once so the autoscaler can "
-                "clone it"
-            )
+        if not replicas:
+            raise TargetNotFoundError(_nothing_to_clone(target, pool))
 
     def status(self, pool: PoolPolicy) -> TargetStatus:
-        """Running replicas (draining ones excluded); also removes crashed starts and records the template."""
+        """Running replicas (draining ones excluded); also removes crashed starts."""
         target = self._target(pool)
         replicas = self._replicas(pool, target)
         pending = self._repair_leftovers(target, replicas)
-        self._current_template(target, replicas)
         problems = self._note_problems(pool, replicas)
         draining, starting = self._in_flight(pool)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
@@ -408,7 +345,7 @@ class ComposeBackend:
         if desired > len(live):
             self._scale_up(pool, target, replicas, count=desired - len(live))
         elif desired < len(live):
-            self._scale_down(pool, target, live, count=len(live) - desired)
+            self._scale_down(pool, target, replicas, live, count=len(live) - desired)
 
     def close(self) -> None:
         with self._lock:
@@ -573,7 +510,7 @@ class ComposeBackend:
         return "exited" if state.get("ExitCode", replica.exit_code) else "clean"
 
     def _current_template(self, target: _Target, replicas: list[Replica]) -> dict[str, Any] | None:
-        """The newest replica's inspect (cached per target), recorded in the store whenever it changes."""
+        """The newest replica's inspect, running ones first (cached per target): what a clone copies."""
         if not replicas:
             return None
         newest = max(replicas, key=lambda r: (r.state == "running", *r.newest_first_key()))
@@ -583,13 +520,8 @@ class ComposeBackend:
         try:
             template = self._inspect(newest.id, what=f"container {newest.name}")
         except DockerNotFoundError:
-            return cached  # removed since the listing
+            return None  # removed since the listing: the next tick lists again
         self._seen_templates[target] = template
-        if self._templates is not None:
-            try:
-                self._templates.save(project=target.project, service=target.service, template=template)
-            except redis.RedisError as exc:
-                logger.warning("{}: could not record the container template: {}", target, exc)
         return template
 
     def _inspect(self, container: str, *, what: str) -> dict[str, Any]:
@@ -598,15 +530,10 @@ class ComposeBackend:
         )
         return info
 
-    def _load_template(self, target: _Target) -> dict[str, Any] | None:
-        if self._templates is None:
-            return None
-        return self._templates.load(project=target.project, service=target.service)
-
     # -- scaling up ---------------------------------------------------------------------------------
 
     def _scale_up(self, pool: PoolPolicy, target: _Target, replicas: list[Replica], *, count: int) -> None:
-        template = self._template_for(target, replicas)
+        template = self._template_for(pool, target, replicas)
         image = self._image_for(template)
         separator = _name_separator(template, target)
         clones = [
@@ -626,13 +553,10 @@ class ComposeBackend:
                 f"{len(errors)} failed (and were removed): {errors[0]}"
             )
 
-    def _template_for(self, target: _Target, replicas: list[Replica]) -> dict[str, Any]:
-        template = self._current_template(target, replicas) or self._load_template(target)
+    def _template_for(self, pool: PoolPolicy, target: _Target, replicas: list[Replica]) -> dict[str, Any]:
+        template = self._current_template(target, replicas)
         if template is None:
-            raise BackendError(
-                f"{target} has no containers to clone and no recorded template: run "
-                f"`docker compose -p {target.project} up -d {target.service}` once"
-            )
+            raise TargetNotFoundError(_nothing_to_clone(target, pool))
         return template
 
     def _image_for(self, template: dict[str, Any]) -> str:
@@ -708,13 +632,19 @@ class ComposeBackend:
 
     # -- scaling down -------------------------------------------------------------------------------
 
-    def _scale_down(self, pool: PoolPolicy, target: _Target, live: list[Replica], *, count: int) -> None:
+    def _scale_down(
+        self, pool: PoolPolicy, target: _Target, replicas: list[Replica], live: list[Replica], *, count: int
+    ) -> None:
         busy = self._busy(pool)
         victims = choose_victims(live, count=count, busy=busy)
         grace = math.ceil(pool.stop_timeout)
+        # To zero: the last container of the service is stopped but kept, as the template a later scale-up
+        # clones (Docker stays the only source of a container's configuration).
+        chosen = {v.id for v in victims}
+        keep = victims[-1].id if victims and all(r.id in chosen for r in replicas) else None
         with self._lock:
             for victim in victims:
-                future = self._stopper.submit(self._drain, target, victim, grace)
+                future = self._stopper.submit(self._drain, target, victim, grace, keep=victim.id == keep)
                 self._draining[victim.id] = (pool.name, future)
         logger.debug(
             "{}: stopping {} (grace {}s; busy workers: {})",
@@ -730,10 +660,14 @@ class ComposeBackend:
             logger.warning("pool {}: busy-worker probe failed ({}); choosing victims by age", pool.name, exc)
             return None
 
-    def _drain(self, target: _Target, victim: Replica, grace: int) -> None:
+    def _drain(self, target: _Target, victim: Replica, grace: int, *, keep: bool = False) -> None:
         started = time.monotonic()
         try:
             self._docker.call(f"stop container {victim.name}", lambda c: c.api.stop(victim.id, timeout=grace))
+            if keep:
+                logger.info("{}: stopped {} in {:.1f}s and kept it: at zero replicas it is the template a "
+                            "scale-up clones", target, victim.name, time.monotonic() - started)
+                return
             # v=True: a worker's anonymous volumes die with it, as with `docker compose down -v`.
             self._docker.call(
                 f"remove container {victim.name}", lambda c: c.api.remove_container(victim.id, v=True)
@@ -748,6 +682,14 @@ class ComposeBackend:
         finally:
             with self._lock:
                 self._draining.pop(victim.id, None)
+
+
+def _nothing_to_clone(target: _Target, pool: PoolPolicy) -> str:
+    return (
+        f"{target} has no container (running or stopped) for pool {pool.name} to clone: run "
+        f"`docker compose -p {target.project} up -d {target.service}` once (the autoscaler keeps one "
+        "stopped replica when it scales to zero, so this only happens if that one was removed)"
+    )
 
 
 def _with_network(client: docker.DockerClient, clone: _Clone) -> dict[str, Any]:
