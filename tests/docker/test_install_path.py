@@ -40,7 +40,8 @@ def machine(docker_env: object) -> Iterator[Container]:
     client = docker.from_env(timeout=120)
     volumes = {str(REPO): {"bind": "/src", "mode": "ro"}}
     volumes.update({d: {"bind": d, "mode": "ro"} for d in APT_DIRS if os.path.isdir(d)})
-    box = client.containers.run(
+    # create + start (not run): a container that fails to start is still removed below.
+    box = client.containers.create(
         os.environ.get("PYTHON_IMAGE", "autoscaler-local/python:bookworm"),
         ["sleep", "infinity"],
         name=unique_name("install"),
@@ -49,11 +50,11 @@ def machine(docker_env: object) -> Iterator[Container]:
         cap_add=["ALL"],
         cap_drop=["SYS_RESOURCE"],
         security_opt=["seccomp=unconfined", "apparmor=unconfined"],
-        detach=True,
         volumes=volumes,
         tmpfs={"/var/lib/docker": "", "/tmp": ""},
     )
     try:
+        box.start()
         code, out = _sh(
             box,
             # A real machine's cgroups are writable; a container's are mounted read-only.
