@@ -16,7 +16,7 @@ from loguru import logger
 from autoscaler.observability.logs import configure_logging
 from autoscaler.policy.load import PolicyError, load_policy
 from autoscaler.policy.schema import policy_json_schema
-from autoscaler.settings import Settings
+from autoscaler.settings import Settings, SettingsError, load_settings
 
 __all__ = ["main"]
 
@@ -24,7 +24,13 @@ _POLICY_HELP = "policy file (default: $AUTOSCALER_POLICY or policies/default.yam
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings, or exit 2 with one line per bad variable (never a traceback)."""
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            click.echo(f"settings: {problem}", err=True)
+        sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

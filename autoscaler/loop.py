@@ -22,7 +22,7 @@ from autoscaler.actions import ActionResult, Actuator
 from autoscaler.backends.base import Backend, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
-from autoscaler.policy.model import Policy, PoolPolicy
+from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.sources.base import MetricSource, SourceError
 from autoscaler.state_store import StateStoreError
 from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
@@ -32,6 +32,8 @@ __all__ = ["STARTUP_GRACE", "Controller", "PoolReport", "StateStore", "TickRepor
 # For this long after its first tick, a controller reports a pool whose target does not exist yet as a
 # warning: started beside the stack (`compose up`, `stack deploy`), it may tick before the workers exist.
 STARTUP_GRACE = 60.0
+# The longest a loop waits between ticks (policies allow at most an hour).
+MAX_WAIT = 3600.0
 
 
 class StateStore(Protocol):
@@ -83,6 +85,7 @@ class Controller:
     startup_grace: float = STARTUP_GRACE
     _checked: set[str] = field(default_factory=set)
     _first_tick: float | None = None
+    _broker_applied: BrokerOptions | None = None
 
     def tick(self, *, force_reload: bool = False) -> TickReport:
         started = self.clock()
@@ -102,11 +105,14 @@ class Controller:
                 # Cooldowns and windows unknown: acting now could flap a pool that just scaled.
                 logger.bind(error=str(exc)).error("{}; not acting this tick", exc)
                 return TickReport(role="leader", at=started, metric_error=str(exc), policy_event=event)
+        self._configure_source(policy)
         queues, metric_error = self._observe(policy)
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
         actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
 
-        reports = tuple(self._reconcile(pool, queues, metric_error, actuator, started) for pool in policy.pools)
+        reports = tuple(
+            self._reconcile_isolated(pool, queues, metric_error, actuator, started) for pool in policy.pools
+        )
         try:
             self.store.save({r.decision.pool: r.decision.state for r in reports})
         except StateStoreError as exc:
@@ -141,6 +147,15 @@ class Controller:
         self.metrics.leader.set(1 if leader else 0)
         return leader
 
+    def _configure_source(self, policy: Policy) -> None:
+        # The policy's `broker:` block (key prefix, priority steps...) may change with a reload.
+        if policy.broker == self._broker_applied:
+            return
+        reconfigure = getattr(self.source, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(policy.broker)
+        self._broker_applied = policy.broker
+
     def _observe(self, policy: Policy) -> tuple[dict[str, QueueStats], str | None]:
         try:
             queues = self.source.observe(policy.queues)
@@ -171,6 +186,27 @@ class Controller:
 
     def _starting_up(self) -> bool:
         return self._first_tick is not None and self.clock() - self._first_tick < self.startup_grace
+
+    def _reconcile_isolated(
+        self,
+        pool: PoolPolicy,
+        queues: dict[str, QueueStats],
+        metric_error: str | None,
+        actuator: Actuator,
+        now: float,
+    ) -> PoolReport:
+        """`_reconcile`, with anything unexpected confined to this pool: it holds, says why, the others go on."""
+        try:
+            return self._reconcile(pool, queues, metric_error, actuator, now)
+        except Exception as exc:
+            self.metrics.pool_errors.labels(pool.name).inc()
+            logger.opt(exception=exc).bind(pool=pool.name, error=str(exc)).error(
+                "pool {}: unexpected error ({}: {}); holding this tick", pool.name, type(exc).__name__, exc
+            )
+            assert self.states is not None
+            state = self.states.get(pool.name, PoolState())
+            reason = f"internal error ({type(exc).__name__}: {exc}); holding"
+            return PoolReport(decision=Decision(pool.name, None, None, reason, state), queues=())
 
     def _reconcile(
         self,
@@ -272,7 +308,8 @@ def run_forever(
         if report is not None and report.role == "standby":
             period /= 4
         # Signal handlers set `wake` (with `stop` or `reload`) so SIGTERM and SIGHUP act at once.
-        timeout = max(0.0, period - (time.monotonic() - started))
+        # Bounded whatever `interval()` says: Event.wait raises on a timeout too large for the platform.
+        timeout = min(max(0.0, period - (time.monotonic() - started)), MAX_WAIT)
         if wake is None:
             stop.wait(timeout)
         else:

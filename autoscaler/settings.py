@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; `problems` are lines like `AUTOSCALER_DRY_RUN='x': message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
 
 
 class Settings(BaseSettings):
@@ -25,7 +35,9 @@ class Settings(BaseSettings):
     )
     policy: str = Field(default="policies/default.yaml", description="policy file to load and watch")
     dry_run: bool | None = Field(default=None, description="overrides the policy's dry_run when set")
-    interval: float | None = Field(default=None, gt=0, description="overrides the policy's interval (seconds)")
+    interval: float | None = Field(
+        default=None, ge=0.25, le=3600, allow_inf_nan=False, description="overrides the policy's interval (seconds)"
+    )
     state_prefix: str = Field(default="autoscaler:", description="prefix of the controller's own Redis keys")
     state_redis_url: str | None = Field(
         default=None, description="where state and the leader lock live; default: redis_url"
@@ -37,6 +49,8 @@ class Settings(BaseSettings):
     leader_ttl: float | None = Field(
         default=None,
         gt=0,
+        le=86400,
+        allow_inf_nan=False,
         description="leader lock expiry in seconds; default: 2 x interval (a standby "
         "then takes over within two intervals of the leader's death)",
     )
@@ -46,4 +60,35 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     docker_host: str | None = Field(default=None, description="overrides DOCKER_HOST")
     compose_project: str | None = Field(default=None, description="default Compose project for pools that name none")
-    busy_probe_timeout: float = Field(default=1.0, gt=0, description="how long to ask Celery which workers are busy")
+    busy_probe_timeout: float = Field(
+        default=1.0, gt=0, le=60, description="how long to ask Celery which workers are busy"
+    )
+
+    @field_validator("dry_run", "interval", "leader_ttl", "state_redis_url", "docker_host", "compose_project",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `AUTOSCALER_DRY_RUN=` (set but empty, as Compose's `${VAR:-}` gives) means "not set", not an error.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url", "state_redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://, e.g. redis://redis:6379/0")
+        return value
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment and `overrides` (flags); raises SettingsError naming each variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            name = f"AUTOSCALER_{field.upper()}"
+            shown = os.environ.get(name, err.get("input"))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{name}={shown!r:.120}: {message}")
+        raise SettingsError(problems) from exc

@@ -8,11 +8,15 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Decision", "Direction", "Observation", "PoolState", "QueueStats"]
+__all__ = ["MAX_STORED_REPLICAS", "Decision", "Direction", "Observation", "PoolState", "QueueStats"]
+
+# A stored recommendation above this is not one any policy could have made (policies cap max at 10,000).
+MAX_STORED_REPLICAS = 1_000_000
 
 
 class Direction(StrEnum):
@@ -81,20 +85,53 @@ class PoolState:
             separators=(",", ":"),
         )
 
+    def clamped(self, now: float) -> PoolState:
+        """This state with no time after `now`: a stored time in the future (clock skew between managers, or a
+        forged record) would otherwise hold every cooldown for as long as it lies ahead."""
+        if all(t is None or t <= now for t in (self.last_scale_up, self.last_scale_down)) and all(
+            t <= now for t, _ in self.recommendations
+        ):
+            return self
+        return replace(
+            self,
+            last_scale_up=None if self.last_scale_up is None else min(self.last_scale_up, now),
+            last_scale_down=None if self.last_scale_down is None else min(self.last_scale_down, now),
+            recommendations=tuple((min(t, now), n) for t, n in self.recommendations),
+        )
+
     @classmethod
     def from_json(cls, text: str | bytes) -> PoolState:
-        """Parse a stored state; raises ValueError on anything malformed."""
+        """Parse a stored state; raises ValueError on anything malformed, non-finite or out of range."""
         raw: Any = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError("pool state must be a JSON object")
-        recs = tuple((float(t), int(n)) for t, n in raw.get("recommendations", []))
+        recommendations = raw.get("recommendations", [])
+        if not isinstance(recommendations, list):
+            raise ValueError("recommendations must be a list")
+        recs = []
+        for entry in recommendations:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ValueError(f"a recommendation must be [time, replicas], not {entry!r:.80}")
+            recs.append((_finite_time(entry[0], "a recommendation's time"), _count(entry[1], MAX_STORED_REPLICAS)))
         up, down = raw.get("last_scale_up"), raw.get("last_scale_down")
         return cls(
-            last_scale_up=None if up is None else float(up),
-            last_scale_down=None if down is None else float(down),
-            recommendations=recs,
-            consecutive_failures=int(raw.get("consecutive_failures", 0)),
+            last_scale_up=None if up is None else _finite_time(up, "last_scale_up"),
+            last_scale_down=None if down is None else _finite_time(down, "last_scale_down"),
+            recommendations=tuple(recs),
+            consecutive_failures=_count(raw.get("consecutive_failures", 0), 2**31),
         )
+
+
+def _finite_time(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite, non-negative number, not {value!r:.80}")
+    return float(value)
+
+
+def _count(value: Any, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise ValueError(f"expected a whole number from 0 to {limit}, not {value!r:.80}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -246,3 +247,41 @@ def test_policy_edits_while_running(redis_url: str, policy_file: Path, logs: lis
     assert report.policy_event == "invalid"
     assert report.pools[0].decision.current == 8  # the last good policy is still in force
     assert any("pools.fast.max" in line and "keeping the last good policy" in line for line in logs)
+
+
+class ExplodingBackend(MemoryBackend):
+    """A backend whose status for one service raises something no backend should (a bug, not a BackendError)."""
+
+    def status(self, pool: Any) -> Any:
+        if pool.target.service == "worker-fast":
+            raise OverflowError("cannot convert float infinity to integer")
+        return super().status(pool)
+
+
+def test_an_exception_in_one_pool_never_stops_the_others(redis_url: str, policy_file: Path) -> None:
+    """The io pool is reconciled and every state is saved although the fast pool's reconcile raises; the fast
+    pool holds with the error in its reason and the pool-errors metric counts it (Trust boundaries I, 5)."""
+    publish(redis_url, "io_intensive", 150)
+    backend = ExplodingBackend({"worker-fast": 2, "worker-io": 2})
+    controller = make_controller(redis_url, policy_file, backend)
+    report = controller.tick()
+    fast, io = report.pools
+    assert fast.decision.desired is None and "internal error (OverflowError" in fast.decision.reason
+    assert (io.decision.current, io.decision.desired) == (2, 6) and backend.replicas["worker-io"] == 6
+    assert controller.metrics.pool_errors.labels("fast")._value.get() == 1
+    stored = redis.Redis.from_url(redis_url).get("autoscaler:state:io")
+    assert stored is not None and b"last_scale_up" in stored
+
+
+def test_a_reloaded_broker_block_is_used_at_the_next_tick(redis_url: str, policy_file: Path) -> None:
+    """A reload to `broker: {key_prefix: "myapp:"}` reads the prefixed queue at once (it kept reading 0)."""
+    client = redis.Redis.from_url(redis_url)
+    client.rpush("myapp:fast", *[b"{}"] * 300)
+    backend = MemoryBackend({"worker-fast": 2, "worker-io": 2})
+    controller = make_controller(redis_url, policy_file, backend)
+    assert controller.tick().pools[0].queues[0].waiting == 0
+    policy_file.write_text(POLICY.replace("pools:", 'broker: {key_prefix: "myapp:"}\npools:'))
+    report = controller.tick()
+    assert report.policy_event == "reloaded", report.policy_event
+    assert report.pools[0].queues[0].waiting == 300
+    assert report.pools[0].decision.desired == 5

@@ -62,6 +62,12 @@ class Metrics:
         self.backend_errors = Counter(
             "autoscaler_backend_errors", "Backend status or action failures", ["pool"], registry=r
         )
+        self.pool_errors = Counter(
+            "autoscaler_pool_errors",
+            "Ticks in which a pool's reconcile raised an unexpected error (the pool held, the others went on)",
+            ["pool"],
+            registry=r,
+        )
         self.replica_failures = Counter(
             "autoscaler_replica_failures",
             "Replicas found exited, OOM-killed or dead (not counted as running)",

@@ -19,6 +19,7 @@ just grew is not shrunk straight away.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from autoscaler.policy.model import Metric, PoolPolicy, format_duration
@@ -35,6 +36,8 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     once the backend has actually scaled, so a failed or dry-run action starts no cooldown.
     """
     current = observation.current
+    # A clock that went back (a new leader on another host) or a poisoned record must not freeze cooldowns.
+    state = state.clamped(now)
     history = prune_history(state.recommendations, now, _longest_window(pool))
     state = replace(state, recommendations=history)
 
@@ -134,13 +137,20 @@ def metric_value(pool: PoolPolicy, observation: Observation) -> tuple[float | No
     if missing:
         return None, f"no reading for queue(s) {', '.join(sorted(missing))}"
     if pool.metric is Metric.WAITING:
-        return float(sum(q.waiting for q in stats)), ""
+        return _finite(float(sum(q.waiting for q in stats)), "waiting")
     if pool.metric is Metric.WAITING_UNACKED:
-        return float(sum(q.waiting + q.unacked for q in stats)), ""
+        return _finite(float(sum(q.waiting + q.unacked for q in stats)), "waiting + unacked")
     unknown = [q.name for q in stats if q.latency_s is None]
     if unknown:
         return None, f"latency unknown for {', '.join(unknown)} (messages carry no publish-time stamp)"
-    return max((q.latency_s or 0.0) for q in stats), ""
+    return _finite(max((q.latency_s or 0.0) for q in stats), "latency")
+
+
+def _finite(value: float, what: str) -> tuple[float | None, str]:
+    # An infinite or NaN reading (e.g. a publish stamp of -1e400) is unknown, never a number to act on.
+    if not math.isfinite(value) or value < 0:
+        return None, f"{what} reading {value} is not a finite, non-negative number"
+    return value, ""
 
 
 def window_values(history: tuple[tuple[float, int], ...], now: float, window: float, current: int) -> list[int]:

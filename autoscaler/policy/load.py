@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError, YAMLWarning
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from autoscaler.policy.model import DEFER_SEMANTIC_CHECKS, Policy, PoolPolicy, semantic_errors
 
 __all__ = ["PolicyError", "Problem", "load_policy", "parse_policy"]
 
 Loc = tuple[str | int, ...]
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +33,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.source}:{self.line}" if self.line is not None else self.source
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        # One problem, one line: parser messages span several, and a file's text may hold any character.
+        message = " ".join(self.message.split())
+        return f"{where}: {self.path}: {message}" if self.path else f"{where}: {message}"
 
 
 class PolicyError(Exception):
@@ -139,14 +145,51 @@ _REQUIRED = {name for name, f in PoolPolicy.model_fields.items() if f.is_require
 def _parse_yaml(text: str, source: str) -> Any:
     yaml = YAML(typ="rt")
     try:
-        return yaml.load(io.StringIO(text))
+        with warnings.catch_warnings():
+            # A reused anchor (and the like) makes the file ambiguous: refuse it, located, like an error.
+            warnings.simplefilter("error", YAMLWarning)
+            return yaml.load(io.StringIO(text))
+    except YAMLWarning as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else (_failing_line(text) or 1)
+        raise PolicyError([Problem(source, line, "", f"ambiguous YAML: {exc}")]) from exc
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
+        line = mark.line + 1 if mark is not None else (_failing_line(text) or 1)
         what = " ".join(s for s in (exc.context, exc.problem) if s)
         raise PolicyError([Problem(source, line, "", f"invalid YAML: {what}")]) from exc
     except YAMLError as exc:
-        raise PolicyError([Problem(source, None, "", f"invalid YAML: {exc}")]) from exc
+        position = getattr(exc, "position", None)  # a ReaderError (a control character) has only an offset
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else (_failing_line(text) or 1)
+        raise PolicyError([Problem(source, line, "", f"invalid YAML: {exc}")]) from exc
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+        # A value the parser accepted but cannot build, e.g. `!!int 15s` (int('15s') raises ValueError with
+        # no position): find the node that fails alone to say where.
+        line = _failing_line(text) or 1
+        raise PolicyError([Problem(source, line, "", f"invalid YAML value: {exc}")]) from exc
+
+
+def _failing_line(text: str) -> int | None:
+    """1-based line of the first scalar that cannot be constructed on its own, if any."""
+    yaml = YAML(typ="rt")
+    try:
+        root = yaml.compose(io.StringIO(text))
+    except Exception:
+        return None
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ScalarNode):
+            try:
+                yaml.constructor.construct_object(node, deep=True)
+            except Exception:
+                return int(node.start_mark.line) + 1
+        elif isinstance(node, SequenceNode):
+            stack.extend(reversed(node.value))
+        elif isinstance(node, MappingNode):
+            for key, value in reversed(node.value):
+                stack.extend((value, key))
+    return None
 
 
 def _message(err: Any) -> str:
@@ -164,7 +207,9 @@ def _format_path(loc: Loc) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            # A key may be anything YAML allows (null, a number, spaces): show it, quoted if odd, never fail on it.
+            text = str(part)
+            out += ("." if out else "") + (text if _PLAIN_KEY.match(text) else repr(part))
     return out
 
 

@@ -52,6 +52,15 @@ DEFAULT_SEPARATOR = "\x06\x16"
 DEFER_SEMANTIC_CHECKS = "defer_semantic_checks"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# Bounds on every number a policy holds, so that no edit can make the arithmetic overflow (a per-replica
+# target of 1e-320 made ceil() raise, an interval of 1e300 made the tick's wait raise) or ask for
+# absurdities. Each is far beyond any real use.
+MAX_DURATION = 7 * 86400.0  # a week
+MIN_INTERVAL = 0.25
+MAX_INTERVAL = 3600.0
+MAX_REPLICAS = 10_000
+MAX_METRIC = 1e12  # tier bounds, per-replica targets, activation
+MIN_PER_REPLICA = 1e-3
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -71,6 +80,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"invalid duration {value!r}: write it like 30s, 5m or 1h30m")
     if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
         raise ValueError(f"invalid duration {value!r}: must be a finite, non-negative time")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {value!r}: at most {format_duration(MAX_DURATION)}")
     return seconds
 
 
@@ -155,9 +166,9 @@ class Target(_Strict):
 class Tier(_Strict):
     """An exact-capacity step: when the metric is `above` (or `below`) the bound, run `replicas`."""
 
-    above: float | None = Field(default=None, ge=0)
-    below: float | None = Field(default=None, gt=0)
-    replicas: int = Field(ge=0)
+    above: float | None = Field(default=None, ge=0, le=MAX_METRIC, allow_inf_nan=False)
+    below: float | None = Field(default=None, gt=0, le=MAX_METRIC, allow_inf_nan=False)
+    replicas: int = Field(ge=0, le=MAX_REPLICAS)
 
     @model_validator(mode="after")
     def _one_bound(self) -> Tier:
@@ -173,9 +184,16 @@ class Tier(_Strict):
 class PerReplica(_Strict):
     """KEDA/HPA-style target: desired = ceil(metric / value), held while within `tolerance`."""
 
-    value: float = Field(gt=0, description="work (or seconds of latency) one replica should carry")
-    tolerance: float = Field(default=0.1, ge=0, lt=1, description="relative dead band around the target")
-    activation: float = Field(default=0, ge=0, description="from zero replicas, wake only above this")
+    value: float = Field(
+        ge=MIN_PER_REPLICA, le=MAX_METRIC, allow_inf_nan=False,
+        description="work (or seconds of latency) one replica should carry",
+    )
+    tolerance: float = Field(
+        default=0.1, ge=0, lt=1, allow_inf_nan=False, description="relative dead band around the target"
+    )
+    activation: float = Field(
+        default=0, ge=0, le=MAX_METRIC, allow_inf_nan=False, description="from zero replicas, wake only above this"
+    )
 
 
 class Cooldown(_Strict):
@@ -184,16 +202,18 @@ class Cooldown(_Strict):
 
 
 class StepLimit(_Strict):
-    up: int | None = Field(default=None, ge=1, description="most replicas added by one action")
-    down: int | None = Field(default=None, ge=1, description="most replicas removed by one action")
+    up: int | None = Field(default=None, ge=1, le=MAX_REPLICAS, description="most replicas added by one action")
+    down: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS, description="most replicas removed by one action"
+    )
 
 
 class MetricFailure(_Strict):
     """What to do when the metric cannot be read: hold (default) or go to a fixed count after N ticks."""
 
     action: Literal["hold", "fixed"] = "hold"
-    replicas: int | None = Field(default=None, ge=0)
-    after: int = Field(default=3, ge=1, description="consecutive failed ticks before the fixed count")
+    replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
+    after: int = Field(default=3, ge=1, le=MAX_REPLICAS, description="consecutive failed ticks before the fixed count")
 
     @model_validator(mode="after")
     def _fixed_needs_replicas(self) -> MetricFailure:
@@ -208,8 +228,8 @@ class PoolPolicy(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     target: Target
     queues: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    min: int = Field(ge=0)
-    max: int = Field(ge=0)
+    min: int = Field(ge=0, le=MAX_REPLICAS)
+    max: int = Field(ge=0, le=MAX_REPLICAS)
     metric: Metric = Metric.WAITING
     tiers: list[Tier] | None = Field(default=None, min_length=1)
     per_replica: PerReplica | None = None
@@ -304,7 +324,10 @@ class BrokerOptions(_Strict):
     separator: str = Field(default=DEFAULT_SEPARATOR, min_length=1, description="kombu `sep`")
     unacked_key: str = Field(default="unacked", min_length=1, description="kombu `unacked_key`")
     unacked_sample: int = Field(
-        default=2000, ge=1, description="largest number of unacked entries read per tick; larger hashes are sampled"
+        default=2000,
+        ge=1,
+        le=1_000_000,
+        description="largest number of unacked entries read per tick; larger hashes are sampled",
     )
 
     @field_validator("priority_steps")
@@ -316,7 +339,9 @@ class BrokerOptions(_Strict):
 
 
 class Policy(_Strict):
-    interval: Duration = Field(default=15.0, gt=0, description="time between ticks")
+    interval: Duration = Field(
+        default=15.0, ge=MIN_INTERVAL, le=MAX_INTERVAL, description="time between ticks (250ms..1h)"
+    )
     dry_run: bool = Field(default=False, description="decide and log, never act")
     broker: BrokerOptions = BrokerOptions()
     pools: list[PoolPolicy] = Field(min_length=1)

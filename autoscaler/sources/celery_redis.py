@@ -20,6 +20,7 @@ stamp makes that queue's latency unknown (None), never 0.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -188,6 +189,13 @@ class CeleryRedisSource:
         now = self._clock()
         return self._parse(plan, reply, now)
 
+    def reconfigure(self, broker: BrokerOptions) -> None:
+        """Read with `broker`'s key prefix, priority steps, separator and unacked key from the next call on
+        (a reloaded policy may change them)."""
+        if broker != self._broker:
+            self._broker = broker
+            self._plan = None
+
     def close(self) -> None:
         """Release the connection pool, if this source created it."""
         if self._owns_client:
@@ -292,6 +300,9 @@ def _latency(waiting: int, stamp: object, now: float) -> float | None:
     try:
         published = float(_text(stamp))
     except ValueError:
+        return None
+    # Any producer can write the stamp: "-1e400", "nan" or "inf" are unreadable, not an age to act on.
+    if not math.isfinite(published) or not math.isfinite(now - published):
         return None
     # A producer clock ahead of ours would give a negative age; the message has waited ~0.
     return max(0.0, now - published)
