@@ -91,6 +91,7 @@ def build_backend(
     metrics: Metrics | None = None,
     *,
     docker_retry_budget: float | None = None,
+    read_only: bool = False,
 ) -> Backend:
     """The Docker backends (Compose and Swarm) behind one router, sharing one lazy Engine API client."""
     # docker-py and Celery's control client are only needed here, not by validate/schema/simulate.
@@ -115,6 +116,7 @@ def build_backend(
         default_project=settings.compose_project,
         busy_probe=CeleryBusyProbe(broker_url=settings.redis_url, timeout=settings.busy_probe_timeout),
         on_replica_failure=on_replica_failure,
+        read_only=read_only,
     )
     return BackendRouter(compose=compose, swarm=SwarmBackend(docker_connection=connection))
 
@@ -183,7 +185,8 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
     if backend is None:
         try:
             # A person is waiting: a daemon that does not answer within a couple of seconds is reported.
-            backend = build_backend(settings, docker_retry_budget=STATUS_DOCKER_RETRY_BUDGET)
+            # Read-only: `status` reports, it never removes anything (it holds no leader lock).
+            backend = build_backend(settings, docker_retry_budget=STATUS_DOCKER_RETRY_BUDGET, read_only=True)
         except BackendError as exc:
             logger.warning("no backend: {}", exc)
     now = time.time()

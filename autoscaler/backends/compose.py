@@ -288,8 +288,12 @@ class ComposeBackend:
         on_replica_failure: ReplicaFailureHook | None = None,
         created_grace: float = CREATED_GRACE,
         start_workers: int = START_WORKERS,
+        read_only: bool = False,
     ) -> None:
         self._docker = docker_connection
+        # For `autoscaler status`, which is a read: it reports what a tick would repair but removes nothing
+        # (it runs without the leader lock, beside a controller that may be acting).
+        self._read_only = read_only
         self._default_project = normalize_project(default_project) if default_project else None
         self._busy_probe = busy_probe
         self._on_failure = on_replica_failure
@@ -446,7 +450,7 @@ class ComposeBackend:
                 continue
             if now - replica.created < self._created_grace:
                 pending.append(replica)  # may be a start under way, ours or Compose's
-            elif replica.labels.get(CLONE_LABEL) == "true":
+            elif replica.labels.get(CLONE_LABEL) == "true" and not self._read_only:
                 logger.warning("{}: removing {} (created {:.0f}s ago, never started)", target, replica.name,
                                now - replica.created)
                 self._discard(replica.id, replica.name)
@@ -481,6 +485,8 @@ class ComposeBackend:
     def _prune_failed(self, failed: list[Replica]) -> list[Replica]:
         """Remove all but the newest KEEP_FAILED failed replicas; return the ones kept."""
         failed.sort(key=lambda r: r.created, reverse=True)
+        if self._read_only:
+            return failed
         for replica in failed[KEEP_FAILED:]:
             logger.warning("removing failed replica {} ({}); the newest {} are kept for `docker logs`",
                            replica.name, replica.status, KEEP_FAILED)
@@ -489,7 +495,7 @@ class ComposeBackend:
 
     def _first_seen_exit(self, pool: PoolPolicy, replica: Replica) -> str:
         reason = self._diagnose_exit(replica)
-        if reason != "clean":
+        if reason != "clean" and not self._read_only:
             logger.warning("pool {}: replica {} {} ({})", pool.name, replica.name, reason.replace("-", " "),
                            replica.status)
             if self._on_failure is not None:
