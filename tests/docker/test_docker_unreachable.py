@@ -87,7 +87,7 @@ def test_the_router_dispatches_on_the_target_kind(docker_env: Any) -> None:
     try:
         compose_pool = make_pool("fast", service="worker", project=unique_name("none"))
         assert router.status(compose_pool).running == 0
-        with pytest.raises(BackendError, match="has no container .running or stopped. for pool fast to clone"):
+        with pytest.raises(BackendError, match=r"has no container \(running or stopped\) for pool fast to clone"):
             router.check(compose_pool)
         with pytest.raises(BackendError, match="but no swarm backend is configured"):
             router.status(make_pool("sw", service="web", swarm=True))
