@@ -235,6 +235,9 @@ class Controller:
             action = actuator.scale(pool, decision)
             if action.ok:
                 decision = replace(decision, state=decision.state.after_action(decision.direction, now))
+            elif action.error:
+                # The reason says what stopped it (e.g. a back-off), in the log line and in `status`.
+                decision = replace(decision, reason=f"{decision.reason}; not done: {action.error}")
         self.states[pool.name] = decision.state
         self.metrics.observe_decision(decision)
         _log_decision(decision, pool_queues, action)

@@ -34,6 +34,7 @@ from loguru import logger
 
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
+from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = [
@@ -74,6 +75,8 @@ STOP_WORKERS = 32
 CLOSE_GRACE = 5.0
 # Container fields that belong to one container only and must not be cloned.
 _PER_CONTAINER_CONFIG = ("Hostname", "MacAddress")
+# Containers that exist as replicas (stopped ones are the kept template or failures kept for their logs).
+_PRESENT_STATES = frozenset({"running", "restarting", "paused", "created"})
 _EXIT_CODE = re.compile(r"^Exited \((-?\d+)\)")
 _HEALTH = re.compile(r"\((health: starting|healthy|unhealthy)\)")
 _CONTAINER_ID_IN_MOUNTS = re.compile(r"/containers/([0-9a-f]{64})/")
@@ -289,11 +292,15 @@ class ComposeBackend:
         created_grace: float = CREATED_GRACE,
         start_workers: int = START_WORKERS,
         read_only: bool = False,
+        backoff: StartBackoff | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._docker = docker_connection
         # For `autoscaler status`, which is a read: it reports what a tick would repair but removes nothing
         # (it runs without the leader lock, beside a controller that may be acting).
         self._read_only = read_only
+        self._backoff = backoff or StartBackoff()
+        self._clock = clock
         self._default_project = normalize_project(default_project) if default_project else None
         self._busy_probe = busy_probe
         self._on_failure = on_replica_failure
@@ -323,6 +330,7 @@ class ComposeBackend:
         replicas = self._replicas(pool, target)
         pending = self._repair_leftovers(target, replicas)
         problems = self._note_problems(pool, replicas)
+        self._judge_last_scale_up(pool, replicas)
         draining, starting = self._in_flight(pool)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
@@ -336,6 +344,9 @@ class ComposeBackend:
             running=len(running), unhealthy_yet=unhealthy_yet, starting=max(starting, len(pending)),
             draining=len(draining), problems=problems,
         )
+        backing_off = self._backoff.blocked(pool.name, self._clock())
+        if backing_off:
+            detail += f"; {backing_off}"
         return TargetStatus(running=len(running), ready=ready, detail=f"{target}: {detail}")
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
@@ -347,9 +358,53 @@ class ComposeBackend:
             # The count moved since status(); acting on the live one keeps a repeated call idempotent.
             logger.info("{}: {} running (loop saw {}); scaling to {}", target, len(live), current, desired)
         if desired > len(live):
-            self._scale_up(pool, target, replicas, count=desired - len(live))
+            self._scale_up(pool, target, replicas, count=self._room_to_create(pool, target, replicas, desired))
         elif desired < len(live):
             self._scale_down(pool, target, replicas, live, count=len(live) - desired)
+
+    def _room_to_create(self, pool: PoolPolicy, target: _Target, replicas: list[Replica], desired: int) -> int:
+        """How many containers a scale-up to `desired` may create; BackendError when none.
+
+        Replicas that are restarting, paused or just created count as capacity on their way (a crash loop
+        with `restart: unless-stopped` is "restarting", never running), and every container that exists
+        and is not stopped counts against `max`, whatever its state: the autoscaler never has more than
+        `max` of a pool. A pool whose last scale-ups kept failing backs off (StartBackoff).
+        """
+        blocked = self._backoff.blocked(pool.name, self._clock())
+        if blocked:
+            raise BackendError(f"{target}: {blocked}")
+        draining, _ = self._in_flight(pool)
+        present = [r for r in replicas if r.id not in draining and r.state in _PRESENT_STATES]
+        live = [r for r in present if r.state == "running"]
+        now = self._clock()
+        # An old `created` container that is not ours is the operator's: counted against max, not as coming.
+        coming = [
+            r for r in present
+            if r.state in ("restarting", "paused") or (r.state == "created" and now - r.created < self._created_grace)
+        ]
+        count = min(desired - len(live) - len(coming), pool.max - len(present))
+        if count <= 0:
+            raise BackendError(
+                f"{target}: {len(coming)} replica(s) restarting or starting ({', '.join(r.name for r in coming[:3])}) "
+                f"already make up the {desired - len(live)} wanted; not creating more"
+                if coming
+                else f"{target}: {len(present)} containers exist, max is {pool.max}; not creating more"
+            )
+        return count
+
+    def _judge_last_scale_up(self, pool: PoolPolicy, replicas: list[Replica]) -> None:
+        if self._read_only:
+            return
+        exits = self._exits.get(pool.name, {})
+        states = {
+            r.id: "failed" if r.state in ("exited", "dead") and exits.get(r.id, "clean") != "clean" else r.state
+            for r in replicas
+        }
+        failed = self._backoff.observe(pool.name, states, self._clock())
+        if failed:
+            logger.error("pool {}: the last scale-up failed ({}); backing off before the next one", pool.name, failed)
+            if self._on_failure is not None:
+                self._on_failure(pool.name, "failed-start")
 
     def close(self) -> None:
         with self._lock:
@@ -552,6 +607,7 @@ class ComposeBackend:
             wait(futures)
         finally:
             self._track_starting(pool, -len(clones))
+        self._backoff.started(pool.name, [f.result() for f in futures if f.exception() is None], self._clock())
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise BackendError(
@@ -593,7 +649,7 @@ class ComposeBackend:
         config = clone_config(template, pool=pool.name, number=number, image=image)
         return _Clone(name=name, config=config, primary=primary, others=others)
 
-    def _create_and_start(self, target: _Target, clone: _Clone) -> None:
+    def _create_and_start(self, target: _Target, clone: _Clone) -> str:
         created = self._docker.call(
             f"create container {clone.name} for {target}",
             lambda c: untyped_api(c).create_container_from_config(_with_network(c, clone), name=clone.name),
@@ -610,6 +666,7 @@ class ComposeBackend:
             self._discard(container_id, clone.name)
             raise
         logger.debug("{}: started {} ({})", target, clone.name, container_id[:12])
+        return container_id
 
     def _connect(self, container_id: str, name: str, endpoint: _Endpoint) -> None:
         def connect(client: docker.DockerClient) -> None:
