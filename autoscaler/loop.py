@@ -105,6 +105,7 @@ class Controller:
                 # Cooldowns and windows unknown: acting now could flap a pool that just scaled.
                 logger.bind(error=str(exc)).error("{}; not acting this tick", exc)
                 return TickReport(role="leader", at=started, metric_error=str(exc), policy_event=event)
+            self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
@@ -146,6 +147,28 @@ class Controller:
         self.role = "leader" if leader else "standby"
         self.metrics.leader.set(1 if leader else 0)
         return leader
+
+    def _resume_drains(self, policy: Policy) -> None:
+        """Leadership (re)starts: take over the stops the previous leader had under way (from the state)."""
+        assert self.states is not None
+        for pool in policy.pools:
+            marks = self.states.get(pool.name, PoolState()).draining
+            if not marks:
+                continue
+            try:
+                self.backend.resume_drains(pool, marks)
+            except BackendError as exc:
+                # Kept in the state: the next leadership start, or a later tick's marks, try again.
+                logger.bind(pool=pool.name, error=str(exc)).warning(
+                    "pool {}: cannot resume the drains of {} replica(s) yet: {}", pool.name, len(marks), exc
+                )
+
+    def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
+        try:
+            marks = self.backend.drain_marks(pool)
+        except BackendError:
+            return state  # keep the last known marks rather than forget a stop under way
+        return state if marks == state.draining else replace(state, draining=marks)
 
     def _configure_source(self, policy: Policy) -> None:
         # The policy's `broker:` block (key prefix, priority steps...) may change with a reload.
@@ -238,6 +261,7 @@ class Controller:
             elif action.error:
                 # The reason says what stopped it (e.g. a back-off), in the log line and in `status`.
                 decision = replace(decision, reason=f"{decision.reason}; not done: {action.error}")
+        decision = replace(decision, state=self._with_drain_marks(pool, decision.state))
         self.states[pool.name] = decision.state
         self.metrics.observe_decision(decision)
         _log_decision(decision, pool_queues, action)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -17,6 +18,8 @@ __all__ = ["MAX_STORED_REPLICAS", "Decision", "Direction", "Observation", "PoolS
 
 # A stored recommendation above this is not one any policy could have made (policies cap max at 10,000).
 MAX_STORED_REPLICAS = 1_000_000
+MAX_DRAINING = 10_000
+_CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 
 
 class Direction(StrEnum):
@@ -65,6 +68,9 @@ class PoolState:
     last_scale_down: float | None = None
     recommendations: tuple[tuple[float, int], ...] = ()
     consecutive_failures: int = 0
+    # Replicas being stopped (warm shutdown), with the time their grace ends: a controller that restarts
+    # mid-drain takes the stops over instead of counting those workers as capacity or choosing new victims.
+    draining: tuple[tuple[str, float], ...] = ()
 
     def after_action(self, direction: Direction, now: float) -> PoolState:
         """The state once a scaling action in `direction` has succeeded at `now`."""
@@ -81,6 +87,7 @@ class PoolState:
                 "last_scale_down": self.last_scale_down,
                 "recommendations": [list(r) for r in self.recommendations],
                 "consecutive_failures": self.consecutive_failures,
+                "draining": [list(d) for d in self.draining],
             },
             separators=(",", ":"),
         )
@@ -113,12 +120,22 @@ class PoolState:
             if not isinstance(entry, list) or len(entry) != 2:
                 raise ValueError(f"a recommendation must be [time, replicas], not {entry!r:.80}")
             recs.append((_finite_time(entry[0], "a recommendation's time"), _count(entry[1], MAX_STORED_REPLICAS)))
+        draining = raw.get("draining", [])
+        if not isinstance(draining, list) or len(draining) > MAX_DRAINING:
+            raise ValueError(f"draining must be a list of at most {MAX_DRAINING} [container id, deadline] pairs")
+        drains = []
+        for entry in draining:
+            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) \
+                    or not _CONTAINER_ID.match(entry[0]):
+                raise ValueError(f"a draining entry must be [container id, deadline], not {entry!r:.80}")
+            drains.append((entry[0], _finite_time(entry[1], "a draining deadline")))
         up, down = raw.get("last_scale_up"), raw.get("last_scale_down")
         return cls(
             last_scale_up=None if up is None else _finite_time(up, "last_scale_up"),
             last_scale_down=None if down is None else _finite_time(down, "last_scale_down"),
             recommendations=tuple(recs),
             consecutive_failures=_count(raw.get("consecutive_failures", 0), 2**31),
+            draining=tuple(drains),
         )
 
 

@@ -196,6 +196,10 @@ def test_a_publish_stamp_of_minus_1e400_reads_as_unknown_latency() -> None:
         '{"recommendations": [[0]]}',
         '{"last_scale_up": true}',
         '{"last_scale_up": "now"}',
+        '{"draining": [["../../etc/passwd", 1]]}',
+        '{"draining": [["abc", 1]]}',
+        '{"draining": [["0123456789ab", 1e400]]}',
+        '{"draining": "0123456789ab"}',
         "[]",
     ],
 )
@@ -302,3 +306,8 @@ def test_an_empty_dry_run_variable_means_unset() -> None:
             del os.environ["AUTOSCALER_DRY_RUN"]
         else:
             os.environ["AUTOSCALER_DRY_RUN"] = saved
+
+
+def test_draining_marks_survive_the_round_trip_through_redis() -> None:
+    state = PoolState(last_scale_down=5.0, draining=(("0123456789ab" * 5 + "0123", 100.0),))
+    assert PoolState.from_json(state.to_json()) == state

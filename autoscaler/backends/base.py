@@ -53,6 +53,16 @@ class Backend(Protocol):
         """Bring the target from `current` to `desired` replicas; raises BackendError."""
         ...
 
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
+        """The pool's replicas being stopped now, each with the time its grace ends (kept in the pool's state)."""
+        ...
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
+        """Take over the stops an earlier controller began (`marks` from the pool's state): those still
+        running are drained (not counted, not chosen again) and removed once stopped. Ids that are not
+        replicas of the pool's target are ignored."""
+        ...
+
     def close(self) -> None:
         """Release clients."""
         ...

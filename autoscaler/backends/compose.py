@@ -309,6 +309,7 @@ class ComposeBackend:
         self._stopper = ThreadPoolExecutor(max_workers=STOP_WORKERS, thread_name_prefix="compose-stop")
         self._lock = threading.Lock()
         self._draining: dict[str, tuple[str, Future[None]]] = {}  # container id -> (pool, stop)
+        self._deadlines: dict[str, float] = {}  # container id -> when its stop's grace ends
         self._starting: dict[str, int] = {}  # pool -> containers being created/started
         self._exits: dict[str, dict[str, str]] = {}  # pool -> container id -> why it stopped, once diagnosed
         self._problems: dict[str, ReplicaProblems] = {}
@@ -329,6 +330,7 @@ class ComposeBackend:
         target = self._target(pool)
         replicas = self._replicas(pool, target)
         pending = self._repair_leftovers(target, replicas)
+        self._remove_stopped_victims(pool, target, replicas)
         problems = self._note_problems(pool, replicas)
         self._judge_last_scale_up(pool, replicas)
         draining, starting = self._in_flight(pool)
@@ -510,6 +512,33 @@ class ComposeBackend:
                                now - replica.created)
                 self._discard(replica.id, replica.name)
         return pending
+
+    def _remove_stopped_victims(self, pool: PoolPolicy, target: _Target, replicas: list[Replica]) -> None:
+        """Remove our clones that stopped cleanly (exit 0: a warm shutdown) and that no drain will remove: the
+        victims of a controller that died between their stop and their removal. At zero replicas the newest
+        is kept, as the template a scale-up clones."""
+        if self._read_only:
+            return
+        draining, _ = self._in_flight(pool)
+        stopped = sorted(
+            (
+                r for r in replicas
+                if r.state == "exited" and r.exit_code == 0 and r.labels.get(CLONE_LABEL) == "true"
+                and r.id not in draining
+            ),
+            key=lambda r: r.newest_first_key(),
+        )
+        if not stopped:
+            return
+        if not any(r.state == "running" for r in replicas) and len(stopped) == sum(
+            1 for r in replicas if r.state == "exited"
+        ):
+            stopped = stopped[:-1]  # nothing else could serve as the template
+        for replica in stopped:
+            logger.info("{}: removing {} ({}; stopped by an earlier drain and never removed)", target, replica.name,
+                        replica.status)
+            self._discard(replica.id, replica.name)
+            replicas.remove(replica)
 
     def _note_problems(self, pool: PoolPolicy, replicas: list[Replica]) -> ReplicaProblems:
         draining, _ = self._in_flight(pool)
@@ -705,14 +734,55 @@ class ComposeBackend:
         # clones (Docker stays the only source of a container's configuration).
         chosen = {v.id for v in victims}
         keep = victims[-1].id if victims and all(r.id in chosen for r in replicas) else None
-        with self._lock:
-            for victim in victims:
-                future = self._stopper.submit(self._drain, target, victim, grace, keep=victim.id == keep)
-                self._draining[victim.id] = (pool.name, future)
+        self._start_drains(pool, target, victims, grace=grace, keep=keep)
         logger.debug(
             "{}: stopping {} (grace {}s; busy workers: {})",
             target, [v.name for v in victims], grace, "unknown" if busy is None else len(busy),
         )
+
+    def _start_drains(
+        self, pool: PoolPolicy, target: _Target, victims: Sequence[Replica], *, grace: int, keep: str | None
+    ) -> None:
+        deadline = self._clock() + grace
+        with self._lock:
+            for victim in victims:
+                if victim.id in self._draining:
+                    continue
+                self._deadlines[victim.id] = deadline
+                future = self._stopper.submit(self._drain, target, victim, grace, keep=victim.id == keep)
+                self._draining[victim.id] = (pool.name, future)
+
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
+        now = self._clock()
+        with self._lock:
+            return tuple(
+                (cid, self._deadlines.get(cid, now)) for cid, (owner, _) in self._draining.items() if owner == pool.name
+            )
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
+        if not marks or self._read_only:
+            return
+        target = self._target(pool)
+        replicas = {r.id: r for r in self._replicas(pool, target)}  # only the target's own containers
+        now = self._clock()
+        # Marks come from Redis, which any broker client can write: act only on this target's replicas, and
+        # never wait longer than the pool's own grace.
+        ours = [(replicas[cid], deadline) for cid, deadline in marks if cid in replicas]
+        ignored = [cid[:12] for cid, _ in marks if cid not in replicas]
+        if ignored:
+            logger.info("{}: {} draining mark(s) name no replica of it (gone, or not its own): {}", target,
+                        len(ignored), ", ".join(ignored[:5]))
+        if not ours:
+            return
+        # The same rule as a scale-down to zero: if nothing else would be left, keep the newest as the template.
+        keep = None
+        if len(ours) == len(replicas):
+            keep = max((r for r, _ in ours), key=lambda r: r.newest_first_key()).id
+        for replica, deadline in ours:
+            grace = math.ceil(min(max(deadline - now, 1.0), pool.stop_timeout))
+            logger.info("{}: resuming the drain of {} (begun by an earlier controller; {}s of grace left)",
+                        target, replica.name, grace)
+            self._start_drains(pool, target, [replica], grace=grace, keep=keep)
 
     def _busy(self, pool: PoolPolicy) -> set[str] | None:
         if self._busy_probe is None:
@@ -745,6 +815,7 @@ class ComposeBackend:
         finally:
             with self._lock:
                 self._draining.pop(victim.id, None)
+                self._deadlines.pop(victim.id, None)
 
 
 def _nothing_to_clone(target: _Target, pool: PoolPolicy) -> str:

@@ -32,6 +32,12 @@ class MemoryBackend:
         self.replicas[pool.target.service] = desired
         self.actions.append((pool.name, current, desired))
 
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:  # noqa: ARG002 - protocol
+        return ()
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
+        return None
+
     def close(self) -> None:
         return None
 

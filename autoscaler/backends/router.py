@@ -26,6 +26,12 @@ class BackendRouter:
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         self._for(pool).scale(pool, current=current, desired=desired)
 
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
+        return self._for(pool).drain_marks(pool)
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
+        self._for(pool).resume_drains(pool, marks)
+
     def close(self) -> None:
         # Distinct backends only: both kinds may be served by one object.
         closed: list[Backend] = []

@@ -111,6 +111,13 @@ class SwarmBackend:
             logger.debug("swarm service {}: replicas {} -> {}", name, wanted, desired)
             return
 
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:  # noqa: ARG002 - protocol
+        # Swarm stops its own tasks (with the service's stop_grace_period); nothing to carry over.
+        return ()
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
+        return None
+
     def close(self) -> None:
         self._docker.close()
 
