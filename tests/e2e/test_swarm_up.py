@@ -2,8 +2,8 @@
 
 `scripts/swarm-up` (with SWARM_POLICY pointing at a copy of tests/e2e/swarm-policy.yaml: the seed's tiers
 with seconds-long cooldowns) builds the images, initialises the swarm if needed, labels the node, deploys
-deploy/swarm-stack.yaml as the stack `celery` (plus the no-IPVS file where the kernel has none) and waits
-for the migrations and every service. Then a burst of notifications takes celery_worker-fast from 2 to
+deploy/swarm-stack.yaml (as a stack named for this run, SWARM_STACK; plus the no-IPVS file where the kernel
+has none) and waits for the migrations and every service. Then a burst takes <stack>_worker-fast from 2 to
 10 and back to 2 with every task completed once; an edit of the policy rolls out as a new Swarm config;
 `scripts/swarm-up --down` removes the stack. The swarm is left again only if this test created it.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = Path(__file__).resolve().parent / "swarm-policy.yaml"
-STACK = "celery"
+# A stack name of its own per run: nothing left by another run (a volume with another password) or by a
+# developer's own "celery" stack can meet it. The policy copy targets its services.
+STACK = f"astest{uuid.uuid4().hex[:6]}"
 BURST = 1500
 
 
@@ -82,8 +84,9 @@ def swarm(docker_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     client = docker_setup.client
     was_in_swarm = client.info()["Swarm"]["LocalNodeState"] == "active"
     policy = tmp_path_factory.mktemp("swarm") / "policy.yaml"
-    shutil.copy(POLICY, policy)
-    env = {**os.environ, **docker_setup.images, "SWARM_POLICY": str(policy), "UP_TIMEOUT": "600"}
+    policy.write_text(POLICY.read_text().replace("celery_", f"{STACK}_"))
+    env = {**os.environ, **docker_setup.images, "SWARM_POLICY": str(policy), "SWARM_STACK": STACK,
+           "UP_TIMEOUT": "600"}
     stack = SwarmStack(client, env, policy)
     try:
         started = time.monotonic()

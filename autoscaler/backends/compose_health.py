@@ -1,0 +1,168 @@
+"""What a Compose pool's status finds wrong with its replicas, and the repairs a tick makes.
+
+Never-started clones of a crashed scale-up are removed once old; clean-exited clones that no drain will
+remove (a controller died between their stop and their removal) are removed, the newest kept at zero as
+the template; failed replicas are diagnosed once (exited with an error, OOM-killed, dead), counted, and all
+but the newest few removed; a scale-up whose replicas fail at start backs the pool off. In read-only mode
+(`autoscaler status`) it only reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+
+from loguru import logger
+
+from autoscaler.backends.compose_model import CLONE_LABEL, KEEP_FAILED, Replica, ReplicaProblems, ServiceRef
+from autoscaler.backends.docker_client import DockerNotFoundError
+from autoscaler.backends.start_backoff import StartBackoff
+from autoscaler.policy.model import PoolPolicy
+
+__all__ = ["ReplicaFailureHook", "ReplicaHealth"]
+
+# Called once per replica newly found failed: (pool name, reason: "exited", "oom-killed", "dead" or
+# "failed-start" for a scale-up whose replicas failed at start).
+ReplicaFailureHook = Callable[[str, str], None]
+Inspect = Callable[[str], dict[str, object]]
+Discard = Callable[[str, str], None]
+
+
+class ReplicaHealth:
+    def __init__(
+        self,
+        *,
+        inspect: Inspect,
+        discard: Discard,
+        on_failure: ReplicaFailureHook | None,
+        backoff: StartBackoff,
+        created_grace: float,
+        read_only: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._inspect = inspect
+        self._discard = discard
+        self._on_failure = on_failure
+        self.backoff = backoff
+        self._created_grace = created_grace
+        self._read_only = read_only
+        self._clock = clock
+        self._exits: dict[str, dict[str, str]] = {}  # pool -> container id -> why it stopped, once diagnosed
+        self._problems: dict[str, ReplicaProblems] = {}
+
+    def problems(self, pool: PoolPolicy) -> ReplicaProblems:
+        return self._problems.get(pool.name, ReplicaProblems())
+
+    def repair_leftovers(self, target: ServiceRef, replicas: list[Replica]) -> list[Replica]:
+        """Remove our own clones created but never started (a crashed scale-up); return the young ones."""
+        now = time.time()
+        pending: list[Replica] = []
+        for replica in replicas:
+            if replica.state != "created":
+                continue
+            if now - replica.created < self._created_grace:
+                pending.append(replica)  # may be a start under way, ours or Compose's
+            elif replica.labels.get(CLONE_LABEL) == "true" and not self._read_only:
+                logger.warning("{}: removing {} (created {:.0f}s ago, never started)", target, replica.name,
+                               now - replica.created)
+                self._discard(replica.id, replica.name)
+        return pending
+
+    def remove_stopped_victims(self, target: ServiceRef, replicas: list[Replica], draining: Collection[str]) -> None:
+        """Remove our clones that stopped cleanly (exit 0: a warm shutdown) and that no drain will remove: the
+        victims of a controller that died between their stop and their removal. At zero replicas the newest
+        is kept, as the template a scale-up clones."""
+        if self._read_only:
+            return
+        stopped = sorted(
+            (
+                r for r in replicas
+                if r.state == "exited" and r.exit_code == 0 and r.labels.get(CLONE_LABEL) == "true"
+                and r.id not in draining
+            ),
+            key=lambda r: r.newest_first_key(),
+        )
+        if not stopped:
+            return
+        if not any(r.state == "running" for r in replicas) and len(stopped) == sum(
+            1 for r in replicas if r.state == "exited"
+        ):
+            stopped = stopped[:-1]  # nothing else could serve as the template
+        for replica in stopped:
+            logger.info("{}: removing {} ({}; stopped by an earlier drain and never removed)", target, replica.name,
+                        replica.status)
+            self._discard(replica.id, replica.name)
+            replicas.remove(replica)
+
+    def note_problems(self, pool: PoolPolicy, replicas: list[Replica], draining: Collection[str]) -> ReplicaProblems:
+        counts = {"exited": 0, "oom-killed": 0, "dead": 0, "restarting": 0}
+        known = self._exits.get(pool.name, {})
+        diagnosed: dict[str, str] = {}
+        failed: list[Replica] = []
+        for replica in replicas:
+            if replica.id in draining:
+                continue  # our own victim on its way out, not a failure
+            if replica.state == "restarting":
+                counts["restarting"] += 1
+            elif replica.state in ("exited", "dead"):
+                reason = known.get(replica.id) or self._first_seen_exit(pool, replica)
+                diagnosed[replica.id] = reason
+                if reason != "clean":
+                    failed.append(replica)
+        for replica in self._prune_failed(failed):
+            counts[diagnosed[replica.id]] += 1
+        self._exits[pool.name] = diagnosed  # forget containers that are gone
+        problems = ReplicaProblems(
+            exited=counts["exited"], oom_killed=counts["oom-killed"], dead=counts["dead"],
+            restarting=counts["restarting"],
+        )
+        self._problems[pool.name] = problems
+        self._judge_last_scale_up(pool, replicas, diagnosed)
+        return problems
+
+    def _judge_last_scale_up(self, pool: PoolPolicy, replicas: list[Replica], exits: dict[str, str]) -> None:
+        if self._read_only:
+            return
+        states = {
+            r.id: "failed" if r.state in ("exited", "dead") and exits.get(r.id, "clean") != "clean" else r.state
+            for r in replicas
+        }
+        failed = self.backoff.observe(pool.name, states, self._clock())
+        if failed:
+            logger.error("pool {}: the last scale-up failed ({}); backing off before the next one", pool.name, failed)
+            if self._on_failure is not None:
+                self._on_failure(pool.name, "failed-start")
+
+    def _prune_failed(self, failed: list[Replica]) -> list[Replica]:
+        """Remove all but the newest KEEP_FAILED failed replicas; return the ones kept."""
+        failed.sort(key=lambda r: r.created, reverse=True)
+        if self._read_only:
+            return failed
+        for replica in failed[KEEP_FAILED:]:
+            logger.warning("removing failed replica {} ({}); the newest {} are kept for `docker logs`",
+                           replica.name, replica.status, KEEP_FAILED)
+            self._discard(replica.id, replica.name)
+        return failed[:KEEP_FAILED]
+
+    def _first_seen_exit(self, pool: PoolPolicy, replica: Replica) -> str:
+        reason = self._diagnose_exit(replica)
+        if reason != "clean" and not self._read_only:
+            logger.warning("pool {}: replica {} {} ({})", pool.name, replica.name, reason.replace("-", " "),
+                           replica.status)
+            if self._on_failure is not None:
+                self._on_failure(pool.name, reason)
+        return reason
+
+    def _diagnose_exit(self, replica: Replica) -> str:
+        if replica.state == "dead":
+            return "dead"
+        try:
+            info = self._inspect(replica.id)
+        except DockerNotFoundError:
+            return "clean"
+        state = info.get("State") or {}
+        assert isinstance(state, dict)
+        if state.get("OOMKilled"):
+            return "oom-killed"
+        # Exit 0 is a replica stopped on purpose (ours or an operator's `docker stop`), not a failure.
+        return "exited" if state.get("ExitCode", replica.exit_code) else "clean"
