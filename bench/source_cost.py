@@ -5,7 +5,9 @@ Run from the repository root::
     .venv/bin/python bench/source_cost.py [--calls 200]
 
 Scenarios: 3 queues with a few thousand Celery messages across priorities plus a few hundred unacked
-(held by a real kombu consumer); 1,000 queues; and 3 queues with a 100k-entry unacked hash (sampled).
+(held by a real kombu consumer); 1,000 queues; 3 queues with a 100k-entry unacked hash (sampled); and 3
+queues with 2,000 unacked messages of 100 KB, read with the default byte budget (1 MiB) and, for the side
+by side, with a budget that reads them all (what every read did before the budget).
 Per call it reports Redis round trips (counted on the client connection), controller CPU time
 (`time.process_time`), wall time, and Redis server time (INFO commandstats usec_per_call of EVALSHA).
 Targets: 1 round trip; <= 5 ms CPU for 3 pools; <= 50 ms CPU for 1,000 queues.
@@ -45,6 +47,8 @@ UNACKED_HELD = 300
 MANY_QUEUES = 1000
 MESSAGES_PER_MANY_QUEUE = 3
 HUGE_UNACKED = 100_000
+# Trust boundaries I, defect 8: big messages in the unacked hash (whole messages are its values).
+BIG_UNACKED, BIG_UNACKED_BYTES = 2000, 100_000
 CPU_TARGET_POOLS_MS = 5.0
 CPU_TARGET_MANY_MS = 50.0
 
@@ -157,9 +161,22 @@ def fill_huge_unacked(client: redis.Redis, total: int) -> None:
     fill(keys=["unacked"], args=[total, template])
 
 
-def measure(name: str, url: str, queues: list[str], calls: int, target: float | None) -> Row:
+def fill_big_unacked(client: redis.Redis, total: int, size: int) -> None:
+    """Replace the unacked hash with `total` copies of one real entry whose message is padded to `size`."""
+    template = next(iter(client.hvals("unacked")))
+    big = template.replace(b'"body": "', b'"body": "' + b"x" * size, 1)
+    client.delete("unacked")
+    fill = client.register_script(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'bench-big-' .. i, ARGV[2]) end"
+    )
+    fill(keys=["unacked"], args=[total, big])
+
+
+def measure(
+    name: str, url: str, queues: list[str], calls: int, target: float | None, broker: BrokerOptions | None = None
+) -> Row:
     pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
-    source = CeleryRedisSource(url=url, client=redis.Redis(connection_pool=pool), broker=BrokerOptions())
+    source = CeleryRedisSource(url=url, client=redis.Redis(connection_pool=pool), broker=broker or BrokerOptions())
     admin = redis.Redis.from_url(url)
     try:
         source.observe(queues)  # connect and load the script
@@ -241,6 +258,15 @@ def run(calls: int) -> list[Row]:
             fill_huge_unacked(client, HUGE_UNACKED)
             client.close()
             rows.append(measure("3 pools, 100k unacked", url, pools, calls, None))
+
+            client = redis.Redis.from_url(url)
+            step(f"replacing the unacked hash with {BIG_UNACKED} messages of {BIG_UNACKED_BYTES // 1000} KB")
+            fill_big_unacked(client, BIG_UNACKED, BIG_UNACKED_BYTES)
+            rows.append(measure("2,000 x 100 KB unacked (1 MiB budget)", url, pools, max(calls // 10, 5), None))
+            everything = BrokerOptions(unacked_bytes=1 << 30)
+            rows.append(measure("2,000 x 100 KB unacked (read all)", url, pools, max(calls // 20, 3), None, everything))
+            client.close()
+
         app.close()
     return rows
 

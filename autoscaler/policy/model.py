@@ -329,6 +329,12 @@ class BrokerOptions(_Strict):
         le=1_000_000,
         description="largest number of unacked entries read per tick; larger hashes are sampled",
     )
+    unacked_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="most bytes of unacked entries (whole messages) read per tick; beyond, counts are estimated",
+    )
 
     @field_validator("priority_steps")
     @classmethod

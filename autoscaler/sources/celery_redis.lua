@@ -6,7 +6,9 @@
 -- ARGV[1]          list keys per queue (the number of priority steps)
 -- ARGV[2]          most unacked entries to read; a larger hash is sampled with HSCAN
 -- ARGV[3]          the publish-stamp header name, JSON-quoted: "x-autoscaler-published-at"
--- ARGV[4..]        per queue, its name JSON-escaped without the quotes (how kombu writes a routing key)
+-- ARGV[4]          most bytes of unacked entries to read per call (entries are whole messages: a hash of
+--                  2,000 x 100 KB once made one call copy 200 MB and block Redis for a second)
+-- ARGV[5..]        per queue, its name JSON-escaped without the quotes (how kombu writes a routing key)
 --
 -- Returns {"ok", hlen, read, unparsed, then per queue: waiting, unacked_in_read, oldest_stamp}
 --   oldest_stamp is the stamp's JSON text, or false (nil) when the queue is empty or its oldest
@@ -16,6 +18,8 @@
 local steps = tonumber(ARGV[1])
 local sample = tonumber(ARGV[2])
 local needle = ARGV[3]
+local byte_budget = tonumber(ARGV[4])
+local FIRST_NAME = 5
 local nqueues = (#KEYS - 1) / steps
 
 local function wrongtype(key, expected)
@@ -82,7 +86,7 @@ for q = 0, nqueues - 1 do
     out[base] = stats[1]
     out[base + 1] = 0
     out[base + 2] = stats[2]
-    slot[ARGV[4 + q]] = base + 1
+    slot[ARGV[FIRST_NAME + q]] = base + 1
 end
 
 local hkey = KEYS[1]
@@ -94,7 +98,7 @@ end
 local read, unparsed = 0, 0
 local tail_len = 8
 for q = 0, nqueues - 1 do
-    tail_len = math.max(tail_len, #ARGV[4 + q] + 8)
+    tail_len = math.max(tail_len, #ARGV[FIRST_NAME + q] + 8)
 end
 
 -- kombu stores json.dumps([message, exchange, routing_key]): the routing key is the last string of
@@ -119,24 +123,39 @@ local function tally(value)
     end
 end
 
+-- Which entries to look at: all of a small hash, else a random sample of field names (HRANDFIELD, Redis
+-- 6.2+; names only, no values copied). Each entry's size is asked first (HSTRLEN) and its value read only
+-- while the byte budget lasts, so the work per call is bounded by entries and by bytes; the caller scales
+-- the counts of what was read up to the whole hash.
+local fields
 if hlen <= sample then
-    local values = redis.call('HVALS', hkey)
-    for i = 1, #values do
-        tally(values[i])
-    end
+    fields = redis.call('HKEYS', hkey)
 else
-    local cursor = '0'
-    repeat
-        local page = redis.call('HSCAN', hkey, cursor, 'COUNT', sample)
-        cursor = page[1]
-        local items = page[2]
-        for i = 2, #items, 2 do
-            if read >= sample then
-                break
-            end
-            tally(items[i])
+    local picked = redis.pcall('HRANDFIELD', hkey, sample)
+    if type(picked) == 'table' and picked['err'] == nil then
+        fields = picked
+    else
+        -- Before Redis 6.2: one HSCAN page of names (its values are copied too, but only one page).
+        local page = redis.call('HSCAN', hkey, '0', 'COUNT', sample)
+        fields = {}
+        for i = 1, #page[2], 2 do
+            fields[#fields + 1] = page[2][i]
         end
-    until cursor == '0' or read >= sample
+    end
+end
+local spent = 0
+for i = 1, #fields do
+    if read >= sample then
+        break
+    end
+    local size = redis.call('HSTRLEN', hkey, fields[i])
+    if spent + size <= byte_budget then
+        local value = redis.call('HGET', hkey, fields[i])
+        if value then
+            spent = spent + size
+            tally(value)
+        end
+    end
 end
 
 out[2], out[3], out[4] = hlen, read, unparsed

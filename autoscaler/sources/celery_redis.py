@@ -178,8 +178,9 @@ class CeleryRedisSource:
     def observe(self, queues: Sequence[str]) -> dict[str, QueueStats]:
         """Stats for every queue in `queues`, read with one EVALSHA; raises SourceError.
 
-        `unacked` is exact while kombu's unacked hash holds at most `broker.unacked_sample` entries;
-        above that it is an estimate scaled up from a sample of that many entries.
+        `unacked` is exact while kombu's unacked hash holds at most `broker.unacked_sample` entries and
+        `broker.unacked_bytes` bytes; above that it is an estimate scaled up from the entries read (a
+        bounded sample: a read never copies more than that many entries or bytes inside Redis).
         """
         names = tuple(dict.fromkeys(queues))
         if not names:
@@ -216,7 +217,9 @@ class CeleryRedisSource:
                 key_queue[key] = name
         # kombu writes the routing key with json.dumps (ASCII-escaped); compare in that form.
         escaped = [json.dumps(name)[1:-1] for name in names]
-        args: list[str | int] = [len(suffixes), b.unacked_sample, json.dumps(PUBLISHED_AT_HEADER), *escaped]
+        args: list[str | int] = [
+            len(suffixes), b.unacked_sample, json.dumps(PUBLISHED_AT_HEADER), b.unacked_bytes, *escaped
+        ]
         self._plan = _Plan(queues=names, keys=keys, args=args, key_queue=key_queue)
         return self._plan
 
