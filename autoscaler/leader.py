@@ -19,6 +19,12 @@ if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
+-- Held by another name. A lease never outlives two of ours from the moment we see it: a lock written
+-- without an expiry (by hand, or by a broker client when the lock shares the broker) expires.
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 or ttl > 2 * tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+end
 return 0
 """
 

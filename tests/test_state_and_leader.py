@@ -129,3 +129,17 @@ def test_health_endpoints() -> None:
         assert _get(base + "/nope")[0] == 404
     finally:
         server.stop()
+
+
+@pytest.mark.redis
+def test_a_lock_written_without_expiry_expires_instead_of_stopping_scaling_forever(redis_url: str) -> None:
+    """A broker client (or a hand) SETs the leader key with no expiry: no controller could ever lead again.
+    Seeing it, a controller caps its life at two of its own leases, then takes it (Trust boundaries I, 10)."""
+    client = redis.Redis.from_url(redis_url)
+    client.set("autoscaler:leader", "intruder")
+    lock = LeaderLock(client, key="autoscaler:leader", instance_id="a", ttl=0.3)
+    assert lock.acquire_or_renew() is False
+    assert 0 < client.pttl("autoscaler:leader") <= 600
+    time.sleep(0.7)
+    assert lock.acquire_or_renew() is True
+    assert lock.holder() == "a"

@@ -74,6 +74,7 @@ AT_REST = {
     "worker-cpu": MIN_REPLICAS,
     "worker-io": MIN_REPLICAS,
     "autoscaler": 1,
+    "autoscaler-state": 1,
 }
 # kombu's Redis transport keeps priorities 3, 6, 9 in sub-lists named QUEUE\x06\x16N.
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
@@ -698,3 +699,14 @@ def test_burst_scales_pools_up_and_back_and_loses_nothing(stack: Stack, figures:
         peak_replicas=peaks,
         peak_depths=deepest,
     )
+
+
+def test_the_controllers_records_are_out_of_the_brokers_reach(stack: Stack) -> None:
+    """The leader lock and the pools' state live in `autoscaler-state`, which no worker can reach, and none of
+    them is in the broker (Trust boundaries I, defect 10)."""
+    probe = "import socket; socket.create_connection(('autoscaler-state', 6379), timeout=3)"
+    proc = stack.compose("exec", "-T", "worker-fast", "python", "-c", probe, check=False)
+    assert proc.returncode != 0, "a worker container can reach the autoscaler's state store"
+    assert not stack.redis.keys("autoscaler:*"), stack.redis.keys("autoscaler:*")
+    ours = stack.compose("exec", "-T", "autoscaler-state", "redis-cli", "--scan", "--pattern", "autoscaler:*")
+    assert "autoscaler:leader" in ours.stdout and "autoscaler:state:fast" in ours.stdout, ours.stdout
