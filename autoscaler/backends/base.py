@@ -19,7 +19,7 @@ class BackendError(Exception):
 
 
 class TargetNotFoundError(BackendError):
-    """The pool's target does not exist yet (no service, or no container to clone and no template).
+    """The pool's target does not exist yet (no Swarm service, or no Compose container to clone).
 
     Right after `compose up` or `stack deploy` this is a start-up race that resolves itself within seconds;
     the loop reports it as a warning during its first minute and as an error after that.

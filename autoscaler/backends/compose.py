@@ -27,14 +27,11 @@ from typing import Any
 from loguru import logger
 
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
-from autoscaler.backends.compose_clone import START_WORKERS, Cloner, clone_config
+from autoscaler.backends.compose_clone import START_WORKERS, Cloner
 from autoscaler.backends.compose_drain import Drainer, resume_plan
 from autoscaler.backends.compose_health import ReplicaFailureHook, ReplicaHealth
 from autoscaler.backends.compose_model import (
-    CLONE_LABEL,
-    CONTAINER_NUMBER_LABEL,
     CREATED_GRACE,
-    KEEP_FAILED,
     ONEOFF_LABEL,
     PRESENT_STATES,
     PROJECT_LABEL,
@@ -52,23 +49,7 @@ from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundEr
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = [
-    "CLONE_LABEL",
-    "CONTAINER_NUMBER_LABEL",
-    "CREATED_GRACE",
-    "KEEP_FAILED",
-    "ONEOFF_LABEL",
-    "PROJECT_LABEL",
-    "SERVICE_LABEL",
-    "BusyProbe",
-    "ComposeBackend",
-    "Replica",
-    "ReplicaFailureHook",
-    "ReplicaProblems",
-    "choose_victims",
-    "clone_config",
-    "normalize_project",
-]
+__all__ = ["BusyProbe", "ComposeBackend", "ReplicaFailureHook"]
 
 # Hostnames of Celery workers running a task (the part after `celery@`), or None when unknown.
 BusyProbe = Callable[[PoolPolicy], set[str] | None]
@@ -105,13 +86,16 @@ class ComposeBackend:
         self._default_project = normalize_project(default_project) if default_project else None
         self._busy_probe = busy_probe
         self._created_grace = created_grace
+        def inspect(cid: str) -> dict[str, Any]:
+            return self._inspect(cid, what=f"container {cid[:12]}")
+
         self._drainer = Drainer(docker_connection, clock=clock)
         self._cloner = Cloner(
-            docker_connection, inspect=lambda cid: self._inspect(cid, what=f"container {cid[:12]}"),
-            discard=self._discard, backoff=self._backoff, clock=clock, start_workers=start_workers,
+            docker_connection, inspect=inspect, discard=self._discard, backoff=self._backoff, clock=clock,
+            start_workers=start_workers,
         )
         self._health = ReplicaHealth(
-            inspect=lambda cid: self._inspect(cid, what=f"container {cid[:12]}"), discard=self._discard,
+            inspect=inspect, discard=self._discard,
             on_failure=on_replica_failure, backoff=self._backoff, created_grace=created_grace,
             read_only=read_only, clock=clock,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection
+from typing import Any
 
 from loguru import logger
 
@@ -24,7 +25,7 @@ __all__ = ["ReplicaFailureHook", "ReplicaHealth"]
 # Called once per replica newly found failed: (pool name, reason: "exited", "oom-killed", "dead" or
 # "failed-start" for a scale-up whose replicas failed at start).
 ReplicaFailureHook = Callable[[str, str], None]
-Inspect = Callable[[str], dict[str, object]]
+Inspect = Callable[[str], dict[str, Any]]
 Discard = Callable[[str, str], None]
 
 
@@ -55,7 +56,7 @@ class ReplicaHealth:
 
     def repair_leftovers(self, target: ServiceRef, replicas: list[Replica]) -> list[Replica]:
         """Remove our own clones created but never started (a crashed scale-up); return the young ones."""
-        now = time.time()
+        now = self._clock()
         pending: list[Replica] = []
         for replica in replicas:
             if replica.state != "created":
@@ -161,7 +162,6 @@ class ReplicaHealth:
         except DockerNotFoundError:
             return "clean"
         state = info.get("State") or {}
-        assert isinstance(state, dict)
         if state.get("OOMKilled"):
             return "oom-killed"
         # Exit 0 is a replica stopped on purpose (ours or an operator's `docker stop`), not a failure.

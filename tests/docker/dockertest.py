@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import docker
+from celery import Celery
 from docker.models.containers import Container
 
 from autoscaler.policy.model import PoolPolicy
@@ -21,10 +23,14 @@ from autoscaler.policy.model import PoolPolicy
 __all__ = [
     "COMPOSE_DIR",
     "PREFIX",
+    "REPO",
     "ComposeProject",
+    "cli_env",
     "compose_command",
     "make_pool",
+    "publish",
     "remove_network",
+    "run_cli",
     "unique_name",
     "wait_until",
 ]
@@ -32,6 +38,7 @@ __all__ = [
 # Every container, network, volume and Swarm service the tests create is named with this prefix.
 PREFIX = "astest"
 COMPOSE_DIR = Path(__file__).parent / "compose"
+REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
@@ -49,6 +56,27 @@ def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, 
         time.sleep(interval)
         last = predicate()
     return last
+
+
+def cli_env(redis_url: str) -> dict[str, str]:
+    """The environment `autoscaler` runs with in these tests: the test broker, no metrics port, text logs."""
+    return {**os.environ, "AUTOSCALER_REDIS_URL": redis_url, "AUTOSCALER_METRICS_PORT": "0",
+            "AUTOSCALER_LOG_FORMAT": "text"}
+
+
+def run_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    """`autoscaler ARGS` as a process of its own, run to completion."""
+    return subprocess.run([sys.executable, "-m", "autoscaler.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=cli_env(redis_url), timeout=180, check=False)
+
+
+def publish(url: str, count: int, queue: str = "fast") -> None:
+    """Publish `count` real Celery task messages to `queue`, across priorities (nobody consumes them)."""
+    app = Celery("producer", broker=url)
+    with app.producer_or_acquire() as producer:
+        for i in range(count):
+            app.send_task("tasks.noop", queue=queue, priority=i % 10, producer=producer)
+    app.close()
 
 
 def remove_network(client: docker.DockerClient, network_id: str, *, timeout: float = 30.0) -> None:

@@ -11,7 +11,6 @@ the pool's own (a broker client can write that state).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from dockertest import wait_until
+from dockertest import REPO, cli_env, wait_until
 
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.policy.model import PoolPolicy
 from tests.docker.conftest import ProjectFactory
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 POLICY = """
@@ -46,10 +44,9 @@ pools:
 
 
 def _controller(policy: Path, redis_url: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "AUTOSCALER_REDIS_URL": redis_url, "AUTOSCALER_METRICS_PORT": "0",
-           "AUTOSCALER_LOG_FORMAT": "text"}
     return subprocess.Popen([sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def test_a_controller_killed_mid_drain_leaves_the_next_one_to_finish_it(

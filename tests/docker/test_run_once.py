@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 
 from tests.docker.conftest import ProjectFactory
+from tests.docker.dockertest import REPO, cli_env, publish, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 POLICY = """
@@ -32,24 +30,6 @@ pools:
       - {{below: 10, replicas: 2}}
     stop_timeout: 5s
 """
-
-
-def publish(url: str, count: int) -> None:
-    app = Celery("producer", broker=url)
-    with app.producer_or_acquire() as producer:
-        for i in range(count):
-            app.send_task("tasks.noop", queue="fast", priority=i % 10, producer=producer)
-    app.close()
-
-
-def cli_env(redis_url: str) -> dict[str, str]:
-    return {**os.environ, "AUTOSCALER_REDIS_URL": redis_url, "AUTOSCALER_METRICS_PORT": "0",
-            "AUTOSCALER_LOG_FORMAT": "text"}
-
-
-def run_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "autoscaler.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=cli_env(redis_url), timeout=180, check=False)
 
 
 def test_run_once_scales_two_to_ten_and_dry_run_changes_nothing(
@@ -89,7 +69,7 @@ def test_sigterm_stops_between_ticks_and_releases_the_lock(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(project=project.name))
     proc = subprocess.Popen([sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy)],
-                            cwd=ROOT, env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=REPO, env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + 30

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from dockertest import wait_until
 
-from autoscaler.backends.compose import KEEP_FAILED, ComposeBackend
+from autoscaler.backends.compose import ComposeBackend
+from autoscaler.backends.compose_model import KEEP_FAILED
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.policy.model import PoolPolicy
 from tests.docker.conftest import ProjectFactory

@@ -13,23 +13,18 @@ environment is written to Redis.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from celery import Celery
-from dockertest import wait_until
+from dockertest import publish, run_cli, wait_until
 
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.policy.model import PoolPolicy
 from tests.docker.conftest import ProjectFactory
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 POLICY = """
@@ -95,14 +90,6 @@ def _hostile(original: dict[str, Any], python_image: str) -> dict[str, Any]:
     return evil
 
 
-def _publish(url: str, count: int) -> None:
-    app = Celery("producer", broker=url)
-    with app.producer_or_acquire() as producer:
-        for _ in range(count):
-            app.send_task("tasks.noop", queue="fast", producer=producer)
-    app.close()
-
-
 @pytest.fixture
 def attack(compose_project: ProjectFactory, redis_url: str, tmp_path: Path, docker_env: Any) -> dict[str, Any]:
     """Scale to zero, plant the hostile template, burst, `run --once`: the original and the new replica."""
@@ -126,13 +113,10 @@ def attack(compose_project: ProjectFactory, redis_url: str, tmp_path: Path, dock
     key = f"autoscaler:template:{project.name}:worker"
     broker.set(key, json.dumps({"version": 1, "saved_at": 0, "container": _hostile(original.attrs,
                                                                                     docker_env.python_image)}))
-    _publish(redis_url, 20)
+    publish(redis_url, 20)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(project=project.name))
-    env = {**os.environ, "AUTOSCALER_REDIS_URL": redis_url, "AUTOSCALER_METRICS_PORT": "0",
-           "AUTOSCALER_LOG_FORMAT": "text"}
-    proc = subprocess.run([sys.executable, "-m", "autoscaler.cli", "run", "--once", "--policy", str(policy)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=180, check=False)
+    proc = run_cli("run", "--once", "--policy", str(policy), redis_url=redis_url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     created = [c for c in project.containers("worker") if c.id not in before]
     assert len(created) == 1, f"expected one new replica:\n{proc.stderr[-3000:]}"
