@@ -144,7 +144,15 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
     watcher = PolicyWatcher(settings.policy)
     policy = watcher.policy
     state_client = _redis(settings.state_redis_url or settings.redis_url)
+    # Earlier versions wrote templates where the state lived: the broker unless told otherwise. Both are
+    # cleaned, so moving the state to its own Redis does not leave the old keys (and their secrets) behind.
     forget_legacy_templates(state_client, prefix=settings.state_prefix)
+    if settings.state_redis_url and settings.state_redis_url != settings.redis_url:
+        broker_client = _redis(settings.redis_url)
+        try:
+            forget_legacy_templates(broker_client, prefix=settings.state_prefix)
+        finally:
+            broker_client.close()
     interval = settings.interval or policy.interval
     metrics = Metrics()
     controller = Controller(

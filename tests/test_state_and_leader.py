@@ -15,8 +15,10 @@ from autoscaler.leader import LeaderLock
 from autoscaler.observability.http import HealthServer
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.watch import PolicyWatcher
+from autoscaler.settings import Settings
 from autoscaler.state_store import RedisStateStore
 from autoscaler.types import PoolState
+from autoscaler.wiring import build_controller
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.redis
@@ -143,3 +145,19 @@ def test_a_lock_written_without_expiry_expires_instead_of_stopping_scaling_forev
     time.sleep(0.7)
     assert lock.acquire_or_renew() is True
     assert lock.holder() == "a"
+
+
+@pytest.mark.redis
+def test_old_templates_are_deleted_from_the_broker_when_the_state_has_its_own_redis(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Earlier versions kept container templates (worker secrets included) beside their state, i.e. in the
+    broker; a controller whose state now lives elsewhere still deletes them from the broker at start."""
+    broker = redis.Redis.from_url(redis_url)
+    broker.set("autoscaler:template:stack:worker-fast", b'{"container": {"Config": {"Env": ["DB_PASSWORD=x"]}}}')
+    state_url = redis_url.rsplit("/", 1)[0] + "/1"
+    settings = Settings(redis_url=redis_url, state_redis_url=state_url,
+                        policy=str(ROOT / "policies" / "default.yaml"), metrics_port=0)
+    app = build_controller(settings)
+    app.controller.backend.close()
+    assert broker.keys("autoscaler:template:*") == []
