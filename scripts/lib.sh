@@ -115,15 +115,18 @@ ensure_docker() {
 OFFICIAL_PYTHON=python:3.12-slim
 OFFICIAL_REDIS=redis:7.4-alpine
 OFFICIAL_POSTGRES=postgres:16-alpine
+OFFICIAL_DEBIAN=debian:bookworm-slim
 
 choose_images() {
     local here image official=1
     here=$(dirname "${BASH_SOURCE[0]}")
     if [ -n "${PYTHON_IMAGE:-}" ] && [ -n "${REDIS_IMAGE:-}" ] && [ -n "${POSTGRES_IMAGE:-}" ]; then
-        echo "images from the environment: $PYTHON_IMAGE, $REDIS_IMAGE, $POSTGRES_IMAGE" >&2
+        # Any python:*-slim is a Debian bookworm too: the socket proxy builds on it.
+        export DEBIAN_IMAGE=${DEBIAN_IMAGE:-$PYTHON_IMAGE}
+        echo "images from the environment: $PYTHON_IMAGE, $REDIS_IMAGE, $POSTGRES_IMAGE, $DEBIAN_IMAGE" >&2
         return 0
     fi
-    for image in "$OFFICIAL_PYTHON" "$OFFICIAL_REDIS" "$OFFICIAL_POSTGRES"; do
+    for image in "$OFFICIAL_PYTHON" "$OFFICIAL_REDIS" "$OFFICIAL_POSTGRES" "$OFFICIAL_DEBIAN"; do
         docker image inspect "$image" >/dev/null 2>&1 && continue
         echo "pulling $image (at most ${AUTOSCALER_PULL_TIMEOUT:-120}s)" >&2
         if ! _pull_bounded "$image"; then
@@ -133,7 +136,8 @@ choose_images() {
         fi
     done
     if [ "$official" = 1 ]; then
-        export PYTHON_IMAGE=$OFFICIAL_PYTHON REDIS_IMAGE=$OFFICIAL_REDIS POSTGRES_IMAGE=$OFFICIAL_POSTGRES
+        export PYTHON_IMAGE=$OFFICIAL_PYTHON REDIS_IMAGE=$OFFICIAL_REDIS POSTGRES_IMAGE=$OFFICIAL_POSTGRES \
+            DEBIAN_IMAGE=$OFFICIAL_DEBIAN
         return 0
     fi
     if ! can_be_root; then

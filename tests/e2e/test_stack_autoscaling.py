@@ -1,7 +1,9 @@
 """The stack and the autoscaler end to end: a burst scales the pools up and back down, and nothing is lost.
 
 One Compose project with a unique name runs the real stack (stack/compose.yaml: PostgreSQL, Redis, web,
-three Celery pools), the autoscaler as deployed (deploy/compose.yaml) and the test's overrides
+three Celery pools), the autoscaler as deployed (deploy/compose.yaml) behind its socket proxy
+(deploy/compose.socket-proxy.yaml: every Docker call of the run goes through the proxy's rules) and the
+test's overrides
 (tests/e2e/compose.override.yaml: the test policy tests/e2e/policy.yaml with a 2 s interval and
 seconds-long cooldowns, 1 s notifications, CPU weights). Images are built by `up --build` (the layer
 cache makes reruns fast); the project is always taken down, and the test checks that `down` left no
@@ -52,6 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = (
     REPO / "stack" / "compose.yaml",
     REPO / "deploy" / "compose.yaml",
+    REPO / "deploy" / "compose.socket-proxy.yaml",
     Path(__file__).resolve().parent / "compose.override.yaml",
 )
 PROJECT_LABEL = "com.docker.compose.project"
@@ -75,6 +78,7 @@ AT_REST = {
     "worker-io": MIN_REPLICAS,
     "autoscaler": 1,
     "autoscaler-state": 1,
+    "docker-socket-proxy": 1,
 }
 # kombu's Redis transport keeps priorities 3, 6, 9 in sub-lists named QUEUE\x06\x16N.
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
@@ -710,3 +714,17 @@ def test_the_controllers_records_are_out_of_the_brokers_reach(stack: Stack) -> N
     assert not stack.redis.keys("autoscaler:*"), stack.redis.keys("autoscaler:*")
     ours = stack.compose("exec", "-T", "autoscaler-state", "redis-cli", "--scan", "--pattern", "autoscaler:*")
     assert "autoscaler:leader" in ours.stdout and "autoscaler:state:fast" in ours.stdout, ours.stdout
+
+
+def test_the_autoscaler_reaches_docker_only_through_the_proxy_and_no_worker_reaches_the_proxy(stack: Stack) -> None:
+    """deploy/compose.socket-proxy.yaml (Trust boundaries I): the socket is mounted only into the proxy, which
+    only the autoscaler can reach, and the burst before this test never needed a call the proxy refuses."""
+    probe = "import os; print(os.path.exists('/var/run/docker.sock') and not os.path.isdir('/var/run/docker.sock'))"
+    own = stack.compose("exec", "-T", "autoscaler", "python3", "-c", probe)
+    assert own.stdout.strip() == "False", "the autoscaler container still has the Docker socket"
+    reach = "import socket; socket.create_connection(('docker-socket-proxy', 2375), timeout=3)"
+    proc = stack.compose("exec", "-T", "worker-fast", "python", "-c", reach, check=False)
+    assert proc.returncode != 0, "a worker container can reach the Docker socket proxy"
+    refusals = [line for line in stack.compose("logs", "--no-color", "docker-socket-proxy").stdout.splitlines()
+                if " 403 " in line]
+    assert not refusals, f"the proxy refused calls the autoscaler made: {refusals[:5]}"
