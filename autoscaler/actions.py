@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from autoscaler.backends.base import Backend, BackendError
+from autoscaler.backends.base import Backend, BackendError, LeaseLostError
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.model import PoolPolicy
 from autoscaler.types import Decision, Direction
@@ -59,6 +59,11 @@ class Actuator:
         started = self._clock()
         try:
             self.backend.scale(pool, current=decision.current, desired=decision.desired)
+        except LeaseLostError as exc:
+            # Not a failure of the backend: another replica leads now (the fence has said so once).
+            self.metrics.actions.labels(pool.name, direction, "lease_lost").inc()
+            log.info("not scaling {} from {} to {}: {}", pool.name, decision.current, decision.desired, exc)
+            return ActionResult(ok=False, dry_run=False, error=str(exc), seconds=self._clock() - started)
         except BackendError as exc:
             seconds = self._clock() - started
             self.metrics.actions.labels(pool.name, direction, "error").inc()

@@ -92,6 +92,10 @@ def run(policy_path: str | None, dry_run: bool | None, once: bool, interval: flo
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(1)
+    except SettingsError as exc:
+        for setting in exc.problems:
+            click.echo(f"settings: {setting}", err=True)
+        sys.exit(2)
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:

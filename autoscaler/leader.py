@@ -1,14 +1,28 @@
-"""Leader election in Redis: set-if-absent with expiry, renewed each tick, so two controller replicas
-never both act. A standby polls faster than the leader renews and takes over once the lock expires."""
+"""Leader election in Redis, and the fence that keeps a replica that lost it from acting.
+
+The lock is set-if-absent with expiry, renewed each tick; a standby polls faster than the leader renews and
+takes over once the lock expires. Docker takes no fencing token, so "only the leader acts" is made to hold
+this way: every Docker call and every state write is preceded by `Fence.check`, which renews the lease in
+Redis only if this replica still holds it (one round trip) and raises `LeaseLostError` otherwise. A leader
+that was paused (SIGSTOP, a VM freeze, a long GC) past its lease therefore makes no call after it resumes;
+the residual window is the one call that was already in flight when it lost the lease (bounded by the
+Docker API timeout; README, "Running several controllers").
+"""
 
 from __future__ import annotations
 
+import enum
+import threading
+import time
+
 import redis
+from loguru import logger
 
-__all__ = ["LeaderLock"]
+from autoscaler.backends.base import LeaseLostError
 
-# Renew only if we still hold it: a lock that expired and was taken by another replica must not be
-# extended by the old holder.
+__all__ = ["Fence", "LeaderLock", "Lease"]
+
+# 2: taken now (it was free or expired), 1: renewed (already ours), 0: another replica holds it.
 _ACQUIRE_OR_RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
@@ -17,13 +31,22 @@ if holder == ARGV[1] then
 end
 if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+  return 2
 end
 -- Held by another name. A lease never outlives two of ours from the moment we see it: a lock written
 -- without an expiry (by hand, or by a broker client when the lock shares the broker) expires.
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -1 or ttl > 2 * tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+end
+return 0
+"""
+
+# Renew only: a lease that lapsed is not silently taken back in the middle of a tick.
+_CONFIRM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
 end
 return 0
 """
@@ -36,6 +59,14 @@ return 0
 """
 
 
+class Lease(enum.IntEnum):
+    """What `acquire_or_renew` found; true when this replica leads."""
+
+    HELD_BY_OTHER = 0
+    RENEWED = 1
+    ACQUIRED = 2
+
+
 class LeaderLock:
     def __init__(self, client: redis.Redis, *, key: str, instance_id: str, ttl: float) -> None:
         self._client = client
@@ -43,15 +74,49 @@ class LeaderLock:
         self.instance_id = instance_id
         self.ttl = ttl
         self._acquire = client.register_script(_ACQUIRE_OR_RENEW)
+        self._confirm = client.register_script(_CONFIRM)
         self._release = client.register_script(_RELEASE)
+        self._guard = threading.Lock()
+        # Monotonic time until which the lease is ours for sure: measured from before the request was sent,
+        # so it never outlasts the expiry Redis set. CLOCK_MONOTONIC keeps counting while the process is
+        # stopped, so a paused leader wakes up past it.
+        self._valid_until = 0.0
 
-    def acquire_or_renew(self) -> bool:
-        """True if this instance holds the lock for another `ttl` seconds. Raises redis errors."""
-        held = self._acquire(keys=[self.key], args=[self.instance_id, max(1, int(self.ttl * 1000))])
-        return bool(held)
+    def acquire_or_renew(self, ttl: float | None = None) -> Lease:
+        """Take or renew the lock for `ttl` seconds (default: the last one used). Raises redis errors."""
+        if ttl is not None:
+            self.ttl = ttl
+        sent = time.monotonic()
+        result = Lease(int(self._acquire(keys=[self.key], args=[self.instance_id, self._ttl_ms()])))
+        self._set_valid(sent if result else None)
+        return result
+
+    def confirm(self) -> bool:
+        """Renew the lease if this replica still holds it; False if it does not (or cannot tell in time).
+
+        When Redis does not answer, nobody can take the lock either: the lease counts as held until the
+        expiry this replica last set (less a margin), then as lost.
+        """
+        sent = time.monotonic()
+        try:
+            held = bool(self._confirm(keys=[self.key], args=[self.instance_id, self._ttl_ms()]))
+        except redis.RedisError as exc:
+            with self._guard:
+                valid = time.monotonic() < self._valid_until - min(1.0, 0.2 * self.ttl)
+            if not valid:
+                logger.warning("cannot confirm the leader lease ({}) and it may have expired", exc)
+            return valid
+        self._set_valid(sent if held else None)
+        return held
+
+    def valid_for(self) -> float:
+        """Seconds the lease is certainly still ours (0 when not held), from this process's own clock."""
+        with self._guard:
+            return max(0.0, self._valid_until - time.monotonic())
 
     def release(self) -> None:
         """Give the lock up (on a clean stop) so a standby takes over at its next poll."""
+        self._set_valid(None)
         self._release(keys=[self.key], args=[self.instance_id])
 
     def holder(self) -> str | None:
@@ -59,3 +124,40 @@ class LeaderLock:
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    def _set_valid(self, sent: float | None) -> None:
+        with self._guard:
+            self._valid_until = 0.0 if sent is None else sent + self.ttl
+
+
+class Fence:
+    """Called before every Docker call and state write: raises `LeaseLostError` unless the lease is still ours.
+
+    `lost` stays set once a check failed, until the controller re-arms the fence at its next leadership
+    check: nothing else of that tick (other pools, background drains, the state write) acts.
+    """
+
+    def __init__(self, lock: LeaderLock | None) -> None:
+        self._lock = lock
+        self.lost: str | None = None
+        self.checks = 0
+
+    def rearm(self) -> None:
+        self.lost = None
+
+    def check(self, what: str) -> None:
+        if self._lock is None:
+            return
+        self.checks += 1
+        if self.lost is None and self._lock.confirm():
+            return
+        if self.lost is None:
+            self.lost = what
+            logger.warning(
+                "lost the leader lease before '{}': this replica makes no further Docker call or state write "
+                "until it holds the lock again (another replica may be acting)", what
+            )
+        raise LeaseLostError(f"this replica lost the leader lease (before '{what}')")

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from loguru import logger
 
 from autoscaler.actions import ActionResult, Actuator
-from autoscaler.backends.base import Backend, BackendError, TargetNotFoundError, TargetStatus
+from autoscaler.backends.base import Backend, BackendError, LeaseLostError, TargetNotFoundError, TargetStatus
+from autoscaler.leader import Fence, Lease
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
@@ -42,7 +43,7 @@ class StateStore(Protocol):
 
 
 class Lock(Protocol):
-    def acquire_or_renew(self) -> bool: ...
+    def acquire_or_renew(self, ttl: float | None = None) -> Lease: ...
     def release(self) -> None: ...
 
 
@@ -77,6 +78,10 @@ class Controller:
     store: StateStore
     metrics: Metrics
     lock: Lock | None = None
+    # Checked before every Docker call (the backend's connection holds the same one) and state write.
+    fence: Fence | None = None
+    # The lease's expiry for a policy: it follows the interval through reloads (wiring: 1.5 intervals).
+    lease_ttl: Callable[[Policy], float] | None = None
     dry_run: bool | None = None  # None: the policy's own `dry_run` decides
     clock: Callable[[], float] = time.time
     states: dict[str, PoolState] | None = None
@@ -95,7 +100,7 @@ class Controller:
         if event is not None:
             self.metrics.policy_reloads.labels("ok" if event == "reloaded" else "invalid").inc()
             self._checked.clear()  # report missing targets again on every reload
-        if not self._lead():
+        if not self._lead(policy):
             return TickReport(role="standby", at=started, policy_event=event)
 
         if self.states is None:
@@ -114,11 +119,15 @@ class Controller:
         reports = tuple(
             self._reconcile_isolated(pool, queues, metric_error, actuator, started) for pool in policy.pools
         )
-        try:
-            self.store.save({r.decision.pool: r.decision.state for r in reports})
-        except StateStoreError as exc:
-            # Kept in memory; the next successful write catches up. Only a restart in between loses it.
-            logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)
+        if self._still_leading("write the pool state"):
+            try:
+                self.store.save({r.decision.pool: r.decision.state for r in reports})
+            except StateStoreError as exc:
+                # Kept in memory; the next successful write catches up. Only a restart in between loses it.
+                logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)
+        if self.fence is not None and self.fence.lost is not None:
+            # Another replica may have acted since: what this one holds in memory is stale.
+            self.states = None
         seconds = self.clock() - started
         self.metrics.tick_duration.observe(seconds)
         if metric_error is None:
@@ -128,17 +137,27 @@ class Controller:
             role="leader", at=started, pools=reports, metric_error=metric_error, policy_event=event, seconds=seconds
         )
 
-    def _lead(self) -> bool:
+    def _lead(self, policy: Policy) -> bool:
         lock_answered = True
+        if self.fence is not None:
+            self.fence.rearm()
         if self.lock is None:
             leader = True
         else:
             try:
-                leader = self.lock.acquire_or_renew()
+                lease = self.lock.acquire_or_renew(self.lease_ttl(policy) if self.lease_ttl else None)
             except Exception as exc:
                 logger.bind(error=str(exc)).error("cannot reach the leader lock ({}); not acting this tick", exc)
-                leader, lock_answered = False, False
-        if leader != (self.role == "leader"):
+                lease, lock_answered = Lease.HELD_BY_OTHER, False
+            leader = bool(lease)
+            if lease is Lease.ACQUIRED and self.states is not None:
+                logger.warning(
+                    "the leader lease had lapsed and this replica took it again: reloading the pools' state "
+                    "(another replica may have acted in between)"
+                )
+            if lease is Lease.ACQUIRED:
+                self.states = None  # whatever this replica remembers may be stale: read the stored state
+        if ("leader" if leader else "standby") != self.role:
             logger.info("this replica is now {}", "the leader" if leader else "a standby")
         if not leader:
             self.states = None  # another replica acts; re-read its state if leadership comes back
@@ -147,6 +166,15 @@ class Controller:
         self.role = "leader" if leader else "standby"
         self.metrics.leader.set(1 if leader else 0)
         return leader
+
+    def _still_leading(self, what: str) -> bool:
+        if self.fence is None:
+            return True
+        try:
+            self.fence.check(what)
+        except LeaseLostError:
+            return False
+        return True
 
     def _resume_drains(self, policy: Policy) -> None:
         """Leadership (re)starts: take over the stops the previous leader had under way (from the state)."""
@@ -201,6 +229,9 @@ class Controller:
 
     def _report_backend_error(self, pool: PoolPolicy, exc: BackendError) -> None:
         log = logger.bind(pool=pool.name, error=str(exc))
+        if isinstance(exc, LeaseLostError):
+            log.info("pool {}: {}; holding", pool.name, exc)  # the fence has said it once, as a warning
+            return
         if isinstance(exc, TargetNotFoundError) and self._starting_up():
             log.warning("pool {}: waiting for its target to appear ({}); holding", pool.name, exc)
             return

@@ -51,8 +51,8 @@ class Settings(BaseSettings):
         gt=0,
         le=86400,
         allow_inf_nan=False,
-        description="leader lock expiry in seconds; default: 2 x interval (a standby "
-        "then takes over within two intervals of the leader's death)",
+        description="leader lock expiry in seconds, above the interval; default: 1.5 x the interval in "
+        "force, following policy reloads (a standby then takes over within 1.75 intervals of the leader's death)",
     )
     metrics_port: int = Field(default=9419, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 = off")
     metrics_host: str = Field(default="0.0.0.0", description="address the HTTP endpoint binds")  # noqa: S104

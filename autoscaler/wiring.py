@@ -11,7 +11,7 @@ import redis
 from loguru import logger
 
 from autoscaler.backends.base import Backend, BackendError
-from autoscaler.leader import LeaderLock
+from autoscaler.leader import Fence, LeaderLock
 from autoscaler.loop import Controller, run_forever
 from autoscaler.observability.http import HealthServer
 from autoscaler.observability.metrics import Metrics
@@ -19,13 +19,13 @@ from autoscaler.policy.decide import decide
 from autoscaler.policy.model import Policy
 from autoscaler.policy.watch import PolicyWatcher
 from autoscaler.record import TraceRecorder
-from autoscaler.settings import Settings
+from autoscaler.settings import Settings, SettingsError
 from autoscaler.sources.base import SourceError
 from autoscaler.sources.celery_redis import CeleryRedisSource
 from autoscaler.state_store import RedisStateStore, StateStoreError
 from autoscaler.types import Observation, PoolState, QueueStats
 
-__all__ = ["App", "build_backend", "build_controller", "preview"]
+__all__ = ["App", "build_backend", "build_controller", "lease_problems", "lease_ttl", "preview"]
 
 # Expiry of the leader lock in intervals: the leader renews every interval, a standby polls every quarter
 # interval, so a standby takes over within 1.75 intervals of the leader's last renewal.
@@ -92,6 +92,7 @@ def build_backend(
     *,
     docker_retry_budget: float | None = None,
     read_only: bool = False,
+    fence: Fence | None = None,
 ) -> Backend:
     """The Docker backends (Compose and Swarm) behind one router, sharing one lazy Engine API client."""
     # docker-py and Celery's control client are only needed here, not by validate/schema/simulate.
@@ -101,10 +102,11 @@ def build_backend(
     from autoscaler.backends.router import BackendRouter  # noqa: PLC0415
     from autoscaler.backends.swarm import SwarmBackend  # noqa: PLC0415
 
+    check = fence.check if fence is not None else None
     connection = (
-        DockerConnection(base_url=settings.docker_host)
+        DockerConnection(base_url=settings.docker_host, fence=check)
         if docker_retry_budget is None
-        else DockerConnection(base_url=settings.docker_host, retry_budget=docker_retry_budget)
+        else DockerConnection(base_url=settings.docker_host, retry_budget=docker_retry_budget, fence=check)
     )
 
     def on_replica_failure(pool: str, reason: str) -> None:
@@ -140,9 +142,28 @@ def forget_legacy_templates(client: redis.Redis, *, prefix: str) -> int:
     return deleted
 
 
+def lease_ttl(settings: Settings, policy: Policy) -> float:
+    """The leader lock's expiry: AUTOSCALER_LEADER_TTL, else 1.5 of the interval in force."""
+    return settings.leader_ttl or LEADER_TTL_INTERVALS * (settings.interval or policy.interval)
+
+
+def lease_problems(settings: Settings, policy: Policy) -> list[str]:
+    """Why this policy's interval cannot go with an explicit AUTOSCALER_LEADER_TTL (empty when it can)."""
+    interval = settings.interval or policy.interval
+    if settings.leader_ttl is None or settings.leader_ttl > interval:
+        return []
+    return [
+        f"interval: {interval:g}s is not below AUTOSCALER_LEADER_TTL={settings.leader_ttl:g}s: the leader lock "
+        "would expire between two renewals and two replicas would take turns leading (unset "
+        "AUTOSCALER_LEADER_TTL to have it follow the interval)"
+    ]
+
+
 def build_controller(settings: Settings, *, record: Path | None = None) -> App:
-    watcher = PolicyWatcher(settings.policy)
+    watcher = PolicyWatcher(settings.policy, check=lambda p: lease_problems(settings, p))
     policy = watcher.policy
+    if problems := lease_problems(settings, policy):
+        raise SettingsError(problems)
     state_client = _redis(settings.state_redis_url or settings.redis_url)
     # Earlier versions wrote templates where the state lived: the broker unless told otherwise. Both are
     # cleaned, so moving the state to its own Redis does not leave the old keys (and their secrets) behind.
@@ -153,20 +174,23 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
             forget_legacy_templates(broker_client, prefix=settings.state_prefix)
         finally:
             broker_client.close()
-    interval = settings.interval or policy.interval
     metrics = Metrics()
+    lock = LeaderLock(
+        state_client,
+        key=f"{settings.state_prefix}leader",
+        instance_id=settings.instance_id,
+        ttl=lease_ttl(settings, policy),
+    )
+    fence = Fence(lock)
     controller = Controller(
         policies=watcher,
         source=CeleryRedisSource(url=settings.redis_url, broker=policy.broker),
-        backend=build_backend(settings, metrics),
+        backend=build_backend(settings, metrics, fence=fence),
         store=RedisStateStore(state_client, prefix=settings.state_prefix),
         metrics=metrics,
-        lock=LeaderLock(
-            state_client,
-            key=f"{settings.state_prefix}leader",
-            instance_id=settings.instance_id,
-            ttl=settings.leader_ttl or LEADER_TTL_INTERVALS * interval,
-        ),
+        lock=lock,
+        fence=fence,
+        lease_ttl=lambda p: lease_ttl(settings, p),
         dry_run=settings.dry_run,
     )
     recorder = TraceRecorder(record) if record else None

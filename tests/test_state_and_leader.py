@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from autoscaler.leader import LeaderLock
+from autoscaler.leader import LeaderLock, Lease
 from autoscaler.observability.http import HealthServer
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.watch import PolicyWatcher
@@ -46,12 +46,12 @@ def test_only_one_leader_and_takeover_after_expiry(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     a = LeaderLock(client, key="t:leader", instance_id="a", ttl=0.3)
     b = LeaderLock(client, key="t:leader", instance_id="b", ttl=0.3)
-    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (True, False)
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.ACQUIRED, Lease.HELD_BY_OTHER)
     time.sleep(0.2)
-    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (True, False)  # renewed, still a's
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.RENEWED, Lease.HELD_BY_OTHER)  # still a's
     time.sleep(0.4)  # a "dies": no renewal past the ttl
-    assert b.acquire_or_renew() is True
-    assert a.acquire_or_renew() is False  # the old leader must not steal it back
+    assert b.acquire_or_renew() is Lease.ACQUIRED
+    assert a.acquire_or_renew() is Lease.HELD_BY_OTHER  # the old leader must not steal it back
     assert a.holder() == "b"
 
 
@@ -140,10 +140,10 @@ def test_a_lock_written_without_expiry_expires_instead_of_stopping_scaling_forev
     client = redis.Redis.from_url(redis_url)
     client.set("autoscaler:leader", "intruder")
     lock = LeaderLock(client, key="autoscaler:leader", instance_id="a", ttl=0.3)
-    assert lock.acquire_or_renew() is False
+    assert lock.acquire_or_renew() is Lease.HELD_BY_OTHER
     assert 0 < client.pttl("autoscaler:leader") <= 600
     time.sleep(0.7)
-    assert lock.acquire_or_renew() is True
+    assert lock.acquire_or_renew() is Lease.ACQUIRED
     assert lock.holder() == "a"
 
 

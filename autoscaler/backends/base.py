@@ -7,7 +7,7 @@ from typing import Protocol
 
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["OWNER_LABEL", "Backend", "BackendError", "TargetNotFoundError", "TargetStatus"]
+__all__ = ["OWNER_LABEL", "Backend", "BackendError", "LeaseLostError", "TargetNotFoundError", "TargetStatus"]
 
 # The opt-in label a container or service must carry, with the pool's name as value, before any backend
 # touches it: a look-alike without it is never scaled.
@@ -16,6 +16,10 @@ OWNER_LABEL = "autoscaler.pool"
 
 class BackendError(Exception):
     """The backend could not answer or act (after its own retries); the pool holds and the loop goes on."""
+
+
+class LeaseLostError(BackendError):
+    """This controller no longer holds the leader lease: it makes no further Docker call (another may act)."""
 
 
 class TargetNotFoundError(BackendError):

@@ -162,7 +162,8 @@ class DockerConnection:
     """A lazily created `docker.DockerClient` plus the retry-and-translate wrapper every backend call uses.
 
     `base_url` overrides DOCKER_HOST (unset: DOCKER_HOST, then the default socket). Thread-safe: the
-    backends call it from their start/stop worker threads.
+    backends call it from their start/stop worker threads. `fence(what)` runs immediately before every
+    attempt of every call and may raise (the leader lease check: `autoscaler.leader.Fence`).
     """
 
     def __init__(
@@ -172,8 +173,10 @@ class DockerConnection:
         timeout: int = DEFAULT_API_TIMEOUT,
         retry_budget: float = DEFAULT_RETRY_BUDGET,
         max_pool_size: int = MAX_POOL_SIZE,
+        fence: Callable[[str], None] | None = None,
     ) -> None:
         self._base_url = base_url
+        self._fence = fence
         self._timeout = timeout
         self._retry_budget = retry_budget
         self._max_pool_size = max_pool_size
@@ -208,7 +211,7 @@ class DockerConnection:
         )
         started = time.monotonic()
         try:
-            result = retrying(lambda: self._attempt(fn))
+            result = retrying(lambda: self._attempt(what, fn))
         except BackendError:
             raise
         except (DockerException, requests.RequestException, OSError) as exc:
@@ -233,7 +236,9 @@ class DockerConnection:
     def close(self) -> None:
         self.reset()
 
-    def _attempt(self, fn: Callable[[docker.DockerClient], T]) -> T:
+    def _attempt(self, what: str, fn: Callable[[docker.DockerClient], T]) -> T:
+        if self._fence is not None:
+            self._fence(what)
         if not self._reachable:
             self._preflight()
         try:

@@ -1,0 +1,195 @@
+"""Only the leader acts: the lease is re-checked before every Docker call and state write, a replica that
+takes the lock (again) re-reads the stored state, and the lease's expiry follows the policy's interval
+(Trust boundaries II, defect 1). Real Redis; the backend is in memory but fenced like the Docker one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from loguru import logger
+
+from autoscaler.backends.base import LeaseLostError, TargetStatus
+from autoscaler.backends.docker_client import DockerConnection
+from autoscaler.backends.memory import MemoryBackend
+from autoscaler.leader import Fence, LeaderLock, Lease
+from autoscaler.loop import Controller
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.model import BrokerOptions, PoolPolicy
+from autoscaler.policy.watch import PolicyWatcher
+from autoscaler.settings import Settings
+from autoscaler.sources.celery_redis import CeleryRedisSource
+from autoscaler.state_store import RedisStateStore
+from autoscaler.wiring import lease_problems, lease_ttl
+from tests.test_loop import POLICY, Clock, publish
+
+pytestmark = pytest.mark.redis
+
+
+class FencedBackend(MemoryBackend):
+    """MemoryBackend whose every call first checks the fence, as `DockerConnection.call` does; `status`
+    can be made slow (a Docker tick that outlasts the lease)."""
+
+    def __init__(self, replicas: dict[str, int], fence: Fence, *, slow_status: float = 0.0) -> None:
+        super().__init__(replicas)
+        self.fence = fence
+        self.slow_status = slow_status
+
+    def status(self, pool: PoolPolicy) -> TargetStatus:
+        self.fence.check(f"list the containers of {pool.target.service}")
+        time.sleep(self.slow_status)
+        return super().status(pool)
+
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+        self.fence.check(f"scale {pool.target.service}")
+        super().scale(pool, current=current, desired=desired)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).strip()), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def controller(url: str, policy: Path, backend: MemoryBackend, lock: LeaderLock, fence: Fence,
+               clock: Clock) -> Controller:
+    return Controller(
+        policies=PolicyWatcher(policy), source=CeleryRedisSource(url=url, broker=BrokerOptions()),
+        backend=backend, store=RedisStateStore(redis.Redis.from_url(url), prefix="autoscaler:"),
+        metrics=Metrics(), lock=lock, fence=fence, clock=clock,
+    )
+
+
+def lock(url: str, name: str, ttl: float) -> LeaderLock:
+    return LeaderLock(redis.Redis.from_url(url), key="autoscaler:leader", instance_id=name, ttl=ttl)
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+def test_a_leader_whose_lease_lapses_mid_tick_makes_no_further_call_nor_state_write(
+    redis_url: str, policy_file: Path, logs: list[str]
+) -> None:
+    publish(redis_url, "fast", 600)
+    lock_a, lock_b = lock(redis_url, "a", 0.3), lock(redis_url, "b", 0.3)
+    fence_a = Fence(lock_a)
+    backend = FencedBackend({"worker-fast": 2, "worker-io": 2}, fence_a, slow_status=0.5)
+    a = controller(redis_url, policy_file, backend, lock_a, fence_a, Clock())
+    # While a's first Docker call is slow, its lease expires and b takes the lock.
+    taker = threading.Timer(0.4, lock_b.acquire_or_renew)
+    taker.start()
+    report = a.tick()
+    taker.join()
+    assert lock_b.holder() == "b"
+    assert backend.actions == [], "a acted after losing its lease"
+    fast = report.pools[0]
+    assert fast.action is not None and not fast.action.ok and "lost the leader lease" in (fast.action.error or "")
+    assert redis.Redis.from_url(redis_url).get("autoscaler:state:fast") is None, "a wrote the state"
+    assert a.states is None  # what it held is stale: re-read if it ever leads again
+    assert sum(line.startswith("lost the leader lease before") for line in logs) == 1  # said once, as a warning
+    # Its next tick finds b holding the lock: a standby, no call at all.
+    backend.slow_status = 0.0
+    assert a.tick().role == "standby" and backend.actions == []
+
+
+def test_a_replica_that_takes_the_lock_back_reads_the_state_the_other_left(
+    redis_url: str, policy_file: Path, logs: list[str]
+) -> None:
+    """A scaled 2 -> 5, lost its lease, B scaled 5 -> 10; when A leads again it must know B's scale-up."""
+    clock = Clock()
+    replicas = {"worker-fast": 2, "worker-io": 2}
+    lock_a, lock_b = lock(redis_url, "a", 0.3), lock(redis_url, "b", 0.3)
+    fence_a, fence_b = Fence(lock_a), Fence(lock_b)
+    backend_a, backend_b = FencedBackend(replicas, fence_a), FencedBackend(replicas, fence_b)
+    backend_b.replicas = backend_a.replicas  # one engine
+    a = controller(redis_url, policy_file, backend_a, lock_a, fence_a, clock)
+    b = controller(redis_url, policy_file, backend_b, lock_b, fence_b, clock)
+    publish(redis_url, "fast", 150)
+    assert a.tick().pools[0].decision.desired == 5
+    time.sleep(0.4)  # a is paused past its lease
+    clock.now += 40
+    publish(redis_url, "fast", 500)
+    report = b.tick()
+    assert report.role == "leader" and report.pools[0].decision.desired == 10
+    time.sleep(0.4)  # now b is gone
+    clock.now += 5
+    assert a.tick().role == "leader"
+    assert a.states is not None and a.states["fast"].last_scale_up == clock.now - 5, "a kept its stale state"
+    assert any("had lapsed" in line for line in logs)
+
+
+def test_docker_calls_are_fenced_before_every_attempt(redis_url: str) -> None:
+    lock_a, lock_b = lock(redis_url, "a", 0.2), lock(redis_url, "b", 5)
+    fence = Fence(lock_a)
+    connection = DockerConnection(base_url="unix:///nonexistent/docker.sock", fence=fence.check)
+    called: list[str] = []
+    assert lock_a.acquire_or_renew() is Lease.ACQUIRED
+    time.sleep(0.3)
+    assert lock_b.acquire_or_renew() is Lease.ACQUIRED
+    with pytest.raises(LeaseLostError, match="lost the leader lease"):
+        connection.call("create container x", lambda client: called.append("create"))
+    assert called == []
+    assert fence.lost == "create container x"
+
+
+def test_a_lease_that_cannot_be_confirmed_holds_only_until_its_own_expiry(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    lease = LeaderLock(client, key="autoscaler:leader", instance_id="a", ttl=0.5)
+    assert lease.acquire_or_renew() is Lease.ACQUIRED
+    dead = LeaderLock(redis.Redis(port=1, socket_connect_timeout=0.2), key="autoscaler:leader", instance_id="a",
+                      ttl=0.5)
+    dead._valid_until = lease._valid_until  # the same replica, with Redis gone
+    assert dead.confirm() is True  # well inside its lease: nobody else can have it either
+    time.sleep(0.45)
+    assert dead.confirm() is False
+
+
+def test_the_lease_follows_the_interval_through_reloads(redis_url: str, policy_file: Path) -> None:
+    settings = Settings(redis_url=redis_url, policy=str(policy_file))
+    client = redis.Redis.from_url(redis_url)
+    lease = LeaderLock(client, key="autoscaler:leader", instance_id="a", ttl=1)
+    fence = Fence(lease)
+    a = controller(redis_url, policy_file, FencedBackend({"worker-fast": 2, "worker-io": 2}, fence), lease, fence,
+                   Clock())
+    a.lease_ttl = lambda p: lease_ttl(settings, p)
+    a.tick()
+    assert 1000 < client.pttl("autoscaler:leader") <= 1500
+    policy_file.write_text(POLICY.replace("interval: 1s", "interval: 60s"))
+    a.tick()
+    assert 60_000 < client.pttl("autoscaler:leader") <= 90_000
+
+
+def test_an_explicit_ttl_not_above_the_interval_is_refused(policy_file: Path) -> None:
+    watcher = PolicyWatcher(policy_file, check=lambda p: lease_problems(Settings(leader_ttl=45), p))
+    assert lease_problems(Settings(leader_ttl=45), watcher.policy) == []  # interval 1s
+    assert lease_problems(Settings(leader_ttl=1), watcher.policy)  # equal: refused
+    policy_file.write_text(POLICY.replace("interval: 1s", "interval: 60s"))
+    policy, event = watcher.poll()
+    assert event == "invalid" and policy.interval == 1.0
+    assert watcher.last_errors == [
+        f"{policy_file}:2: interval: 60s is not below AUTOSCALER_LEADER_TTL=45s: the leader lock would expire "
+        "between two renewals and two replicas would take turns leading (unset AUTOSCALER_LEADER_TTL to have "
+        "it follow the interval)"
+    ]
+
+
+def test_run_refuses_an_explicit_ttl_not_above_the_interval_at_start(policy_file: Path, redis_url: str) -> None:
+    env = {**os.environ, "AUTOSCALER_LEADER_TTL": "1", "AUTOSCALER_REDIS_URL": redis_url,
+           "AUTOSCALER_METRICS_PORT": "0"}
+    proc = subprocess.run([sys.executable, "-m", "autoscaler.cli", "run", "--once", "--policy", str(policy_file)],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "settings: interval: 1s is not below AUTOSCALER_LEADER_TTL=1s" in proc.stderr
