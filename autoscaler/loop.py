@@ -288,7 +288,15 @@ class Controller:
         if decision.direction is not Direction.HOLD:
             action = actuator.scale(pool, decision)
             if action.ok:
-                decision = replace(decision, state=decision.state.after_action(decision.direction, now))
+                repair = bool(decision.details.get("repair"))
+                if repair:
+                    logger.bind(pool=pool.name).warning(
+                        "pool {}: the count was lowered from outside ({} running, {} set by this controller: a "
+                        "manual scale, `compose up` re-applying the file's count, or replicas that exited); "
+                        "restored to {}", pool.name, decision.current, decision.state.target, decision.desired,
+                    )
+                state = decision.state.after_action(decision.direction, now, decision.desired, repair=repair)
+                decision = replace(decision, state=state)
             elif action.error:
                 # The reason says what stopped it (e.g. a back-off), in the log line and in `status`.
                 decision = replace(decision, reason=f"{decision.reason}; not done: {action.error}")

@@ -71,13 +71,25 @@ class PoolState:
     # Replicas being stopped (warm shutdown), with the time their grace ends: a controller that restarts
     # mid-drain takes the stops over instead of counting those workers as capacity or choosing new victims.
     draining: tuple[tuple[str, float], ...] = ()
+    # The count this controller last brought the pool to: a lower count seen later was made by someone else
+    # (a manual scale, `compose up` re-applying the file's count, replicas that exited) and is repaired.
+    target: int | None = None
 
-    def after_action(self, direction: Direction, now: float) -> PoolState:
-        """The state once a scaling action in `direction` has succeeded at `now`."""
+    def after_action(
+        self, direction: Direction, now: float, desired: int | None = None, *, repair: bool = False
+    ) -> PoolState:
+        """The state once a scaling action in `direction` to `desired` has succeeded at `now`.
+
+        A repair restores a count someone else lowered: it starts no cooldown (cooldowns pace changes of the
+        recommendation, and the next genuine scale-up must not wait for a repair).
+        """
+        target = self.target if desired is None else desired
+        if repair:
+            return replace(self, target=target)
         if direction is Direction.UP:
-            return replace(self, last_scale_up=now)
+            return replace(self, last_scale_up=now, target=target)
         if direction is Direction.DOWN:
-            return replace(self, last_scale_down=now)
+            return replace(self, last_scale_down=now, target=target)
         return self
 
     def to_json(self) -> str:
@@ -88,6 +100,7 @@ class PoolState:
                 "recommendations": [list(r) for r in self.recommendations],
                 "consecutive_failures": self.consecutive_failures,
                 "draining": [list(d) for d in self.draining],
+                "target": self.target,
             },
             separators=(",", ":"),
         )
@@ -129,13 +142,14 @@ class PoolState:
                     or not _CONTAINER_ID.match(entry[0]):
                 raise ValueError(f"a draining entry must be [container id, deadline], not {entry!r:.80}")
             drains.append((entry[0], _finite_time(entry[1], "a draining deadline")))
-        up, down = raw.get("last_scale_up"), raw.get("last_scale_down")
+        up, down, target = raw.get("last_scale_up"), raw.get("last_scale_down"), raw.get("target")
         return cls(
             last_scale_up=None if up is None else _finite_time(up, "last_scale_up"),
             last_scale_down=None if down is None else _finite_time(down, "last_scale_down"),
             recommendations=tuple(recs),
             consecutive_failures=_count(raw.get("consecutive_failures", 0), 2**31),
             draining=tuple(drains),
+            target=None if target is None else _count(target, MAX_STORED_REPLICAS),
         )
 
 

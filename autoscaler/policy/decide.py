@@ -4,9 +4,11 @@ One decision, in order::
 
     paused? ── yes ─> hold
     current unknown? ── yes ─> hold (nothing to act on)
-    metric unavailable? ── yes ─> hold, or the fixed fallback count after N failed ticks
+    metric unavailable? ── yes ─> hold (or to the nearest bound when outside min..max), or the fixed
+                                  fallback count after N failed ticks
     current outside min..max? ── yes ─> straight to the nearest bound
     strategy -> recommendation (clamped to min..max), appended to the history
+    current below the count this controller set, and more wanted? ── yes ─> restore it now (a repair)
       above current: sustained (lowest recommendation over `sustain`) -> up-cooldown -> step limit
       below current: stabilized (highest recommendation over `stabilization`) -> scale-in paused?
                      -> down-cooldown -> step limit
@@ -49,19 +51,7 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
 
     metric, why_unavailable = metric_value(pool, observation)
     if metric is None:
-        failures = state.consecutive_failures + 1
-        failed = replace(state, consecutive_failures=failures)
-        fallback = pool.on_metric_failure
-        if current is not None and fallback.action == "fixed" and failures >= fallback.after:
-            assert fallback.replicas is not None  # validated by the model
-            return Decision(
-                pool.name,
-                current,
-                fallback.replicas,
-                f"metric unavailable for {failures} ticks ({why_unavailable}): fallback to {fallback.replicas}",
-                failed,
-            )
-        return hold(f"metric unavailable ({why_unavailable}): holding", failed)
+        return _without_metric(pool, current, state, why_unavailable)
 
     state = replace(state, consecutive_failures=0)
     if current is None:
@@ -77,13 +67,25 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
         history = (*history, (now, recommendation))
     state = replace(state, recommendations=history)
 
-    def result(desired: int, reason: str) -> Decision:
-        return Decision(pool.name, current, desired, reason, state, metric=metric, recommendation=recommendation)
+    def result(desired: int, reason: str, **details: object) -> Decision:
+        return Decision(
+            pool.name, current, desired, reason, state, metric=metric, recommendation=recommendation, details=details
+        )
 
     if current < pool.min:
         return result(pool.min, f"{current} is below min {pool.min}")
     if current > pool.max:
         return result(pool.max, f"{current} is above max {pool.max}")
+    if state.target is not None and current < state.target:
+        if recommendation > current:
+            # Cooldowns, sustain and step limits pace changes of the recommendation; this count was lowered
+            # by someone else, and capacity that ran moments ago is restored at once (up to what is wanted).
+            desired = min(state.target, recommendation)
+            return result(desired, (
+                f"{explanation}; {current} running, below the {state.target} this controller set (lowered from "
+                f"outside, or replicas exited): restoring {desired} now"
+            ), repair=True)
+        state = replace(state, target=current)  # the lower count is what is wanted now too: nothing to restore
     if recommendation > current:
         return result(*_scale_up(pool, state, now=now, current=current, explanation=explanation))
     if recommendation < current:
@@ -91,6 +93,24 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
             *_scale_down(pool, state, now=now, current=current, recommendation=recommendation, explanation=explanation)
         )
     return result(current, explanation)
+
+
+def _without_metric(pool: PoolPolicy, current: int | None, state: PoolState, why: str) -> Decision:
+    failures = state.consecutive_failures + 1
+    failed = replace(state, consecutive_failures=failures)
+    fallback = pool.on_metric_failure
+    if current is not None and fallback.action == "fixed" and failures >= fallback.after:
+        assert fallback.replicas is not None  # validated by the model
+        return Decision(
+            pool.name, current, fallback.replicas,
+            f"metric unavailable for {failures} ticks ({why}): fallback to {fallback.replicas}", failed,
+        )
+    if current is not None and not pool.min <= current <= pool.max:
+        # The bounds need no metric: a pool outside them is brought back whatever the queues say.
+        bound = min(max(current, pool.min), pool.max)
+        where = f"below min {pool.min}" if current < pool.min else f"above max {pool.max}"
+        return Decision(pool.name, current, bound, f"{current} is {where} (metric unavailable)", failed)
+    return Decision(pool.name, current, current, f"metric unavailable ({why}): holding", failed)
 
 
 def _scale_up(pool: PoolPolicy, state: PoolState, *, now: float, current: int, explanation: str) -> tuple[int, str]:

@@ -1,0 +1,85 @@
+"""A count someone else lowered is restored at the next tick, cooldowns or not (Trust boundaries II, 4).
+
+Re-running `docker compose up -d` while a pool runs 10 makes Compose go back to the file's `scale: 2`; the
+controller used to wait out its up-cooldown before restoring 10. Cooldowns pace changes of the
+recommendation, not the repair of a count someone else changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autoscaler.backends.memory import MemoryBackend
+from autoscaler.policy.decide import decide
+from autoscaler.types import Direction, PoolState
+from tests.test_decide import obs, pool
+from tests.test_loop import POLICY, Clock, make_controller, publish
+
+NOW = 1_000_000.0
+
+
+def test_a_lowered_count_is_restored_inside_the_up_cooldown() -> None:
+    p = pool(cooldown={"up": "30s", "down": "5m"}, sustain="10s")
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    decision = decide(p, obs(650, 2), state, NOW)
+    assert (decision.direction, decision.desired) == (Direction.UP, 10)
+    assert decision.details == {"repair": True}
+    assert "below the 10 this controller set" in decision.reason
+    # The repair starts no cooldown: a genuine scale-up right after it is not held by it.
+    after = decision.state.after_action(decision.direction, NOW, decision.desired, repair=True)
+    assert (after.last_scale_up, after.target) == (NOW - 5, 10)
+
+
+def test_a_repair_restores_only_what_is_still_wanted() -> None:
+    p = pool(cooldown={"up": "30s", "down": "5m"})
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    decision = decide(p, obs(150, 2), state, NOW)  # the >100 tier: 5
+    assert (decision.desired, decision.details) == (5, {"repair": True})
+
+
+def test_a_lowered_count_that_is_what_is_wanted_anyway_is_not_a_repair_later() -> None:
+    p = pool(cooldown={"up": "30s", "down": "5m"})
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    held = decide(p, obs(5, 2), state, NOW)  # the <10 tier: 2, which is what runs
+    assert held.direction is Direction.HOLD and held.state.target == 2
+    # Later work rises: an ordinary scale-up, paced by the up-cooldown.
+    later = decide(p, obs(650, 2), held.state, NOW + 1)
+    assert later.direction is Direction.HOLD and "up-cooldown" in later.reason
+
+
+@given(
+    target=st.integers(0, 50), current=st.integers(0, 50), waiting=st.integers(0, 5000),
+    since_up=st.floats(0, 100),
+)
+def test_a_repair_never_goes_past_the_recommendation_nor_the_old_count(
+    target: int, current: int, waiting: int, since_up: float
+) -> None:
+    p = pool(cooldown={"up": "30s", "down": "5m"})
+    state = PoolState(last_scale_up=NOW - since_up, target=target)
+    decision = decide(p, obs(waiting, current), state, NOW)
+    if decision.details.get("repair"):
+        assert decision.desired is not None and decision.recommendation is not None
+        assert current < decision.desired <= min(target, decision.recommendation)
+
+
+@pytest.mark.redis
+def test_the_loop_restores_a_count_lowered_from_outside_at_the_next_tick(
+    redis_url: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    clock = Clock()
+    publish(redis_url, "fast", 650)
+    backend = MemoryBackend({"worker-fast": 2, "worker-io": 2})
+    controller = make_controller(redis_url, policy, backend, clock=clock)
+    assert controller.tick().pools[0].decision.desired == 10
+    backend.replicas["worker-fast"] = 2  # `compose up -d` went back to the file's scale: 2
+    clock.now += 2  # deep inside the 30 s up-cooldown
+    fast = controller.tick().pools[0]
+    assert (fast.decision.current, fast.decision.desired) == (2, 10)
+    assert fast.action is not None and fast.action.ok and backend.replicas["worker-fast"] == 10
+    assert controller.states is not None and controller.states["fast"].last_scale_up == clock.now - 2
