@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import docker
-from docker.types import ServiceMode
 from loguru import logger
 
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
@@ -25,7 +24,7 @@ from autoscaler.backends.docker_client import (
 )
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks"]
+__all__ = ["UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
 
 # Version conflicts come from a concurrent update; a few fresh re-reads always get through one.
 UPDATE_ATTEMPTS = 5
@@ -160,14 +159,28 @@ class SwarmBackend:
     def _update_replicas(self, info: dict[str, Any], desired: int) -> None:
         service_id, version = str(info["ID"]), int(info["Version"]["Index"])
         name = str(info["Spec"].get("Name", service_id))
+        spec = replicas_only(info["Spec"], desired)
 
         def update(client: docker.DockerClient) -> None:
-            client.api.update_service(
-                service_id, version, mode=ServiceMode("replicated", replicas=desired), fetch_current_spec=True
+            # The spec as read, only the count changed, as `docker service scale` does. docker-py's
+            # update_service(fetch_current_spec=True) rebuilds the task template from its own types and writes
+            # Docker's defaults back (DNSConfig {}, a RestartPolicy): Swarm sees a new template and restarts
+            # every replica, exactly when the pool needs capacity.
+            api = untyped_api(client)
+            response = api._post_json(
+                api._url("/services/{0}/update", service_id), data=spec, params={"version": version}
             )
+            api._raise_for_status(response)
 
         # No blind retry: a retried update would carry the same stale version; scale() re-reads instead.
         self._docker.call(f"update the replicas of swarm service {name}", update, retry=False)
+
+
+def replicas_only(spec: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """`spec` (a service's Spec, as inspected) with only its replica count changed."""
+    mode = dict(spec.get("Mode") or {})
+    mode["Replicated"] = {**(mode.get("Replicated") or {}), "Replicas": replicas}
+    return {**spec, "Mode": mode}
 
 
 def _require_owner(pool: PoolPolicy, name: str, spec: dict[str, Any]) -> None:

@@ -172,3 +172,41 @@ def test_a_concurrent_update_is_retried(services: Any) -> None:
     assert (racing.raced, racing.writes) == (1, 2)  # the first write was refused as out of sequence
     assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
     assert service.attrs["Spec"]["Labels"]["touched"] == "yes"
+
+
+def test_a_scale_changes_only_the_count_and_restarts_no_task(
+    swarm: docker.DockerClient, worker_image: str, backend: SwarmBackend
+) -> None:
+    """Trust boundaries II, 3: the first scale after a deploy used to write Docker's defaults into the task
+    template (docker-py's fetch_current_spec), so Swarm rolled every running replica. The service is created
+    with a minimal spec, as `docker stack deploy` leaves DNSConfig and RestartPolicy unset."""
+    name = unique_name("minimal")
+    spec = {
+        "Name": name,
+        "Labels": {"autoscaler.pool": "swarmkeep"},
+        "TaskTemplate": {"ContainerSpec": {"Image": worker_image, "Command": SLEEPER, "StopGracePeriod": 2 * 10**9}},
+        "Mode": {"Replicated": {"Replicas": 2}},
+    }
+    api: Any = swarm.api
+    created = api._result(api._post_json(api._url("/services/create"), data=spec), json=True)
+    service = swarm.services.get(created["ID"])
+    try:
+        pool = make_pool("swarmkeep", service=name, swarm=True)
+        settle(backend, pool, 2)
+        before = {t["ID"] for t in service.tasks() if t["Status"]["State"] == "running"}
+        template = service.attrs["Spec"]["TaskTemplate"]
+
+        backend.scale(pool, current=2, desired=3)
+        settle(backend, pool, 3)
+        service.reload()
+        assert service.attrs["Spec"]["TaskTemplate"] == template
+        assert "UpdateStatus" not in service.attrs
+        still = {t["ID"] for t in service.tasks() if t["DesiredState"] == t["Status"]["State"] == "running"}
+        assert before <= still, f"running tasks were replaced: {before - still}"
+        assert not backend.status(pool).detail.count("rolling update")
+    finally:
+        service.remove()
+        wait_until(
+            lambda: not swarm.containers.list(all=True, filters={"label": f"com.docker.swarm.service.name={name}"}),
+            timeout=60, what="the service's task containers to be removed",
+        )
