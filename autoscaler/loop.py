@@ -20,6 +20,7 @@ from loguru import logger
 
 from autoscaler.actions import ActionResult, Actuator
 from autoscaler.backends.base import Backend, BackendError, LeaseLostError, TargetNotFoundError, TargetStatus
+from autoscaler.gate import gate
 from autoscaler.leader import Fence, Lease
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
@@ -280,10 +281,9 @@ class Controller:
             backend_error=backend_error,
         )
         decision = decide(pool, observation, self.states.get(pool.name, PoolState()), now)
-        if status is not None and not status.ready and decision.direction is not Direction.HOLD:
-            decision = replace(
-                decision, desired=decision.current, reason=f"{decision.reason}; waiting: {status.detail or 'busy'}"
-            )
+        decision = gate(decision, status)
+        if status is not None:
+            self.metrics.pool_unplaceable.labels(pool.name).set(status.unplaceable)
         action = None
         if decision.direction is not Direction.HOLD:
             action = actuator.scale(pool, decision)

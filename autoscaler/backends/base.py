@@ -35,13 +35,22 @@ class TargetStatus:
     """What a backend sees of a pool's target.
 
     `running` counts replicas that run and are not being stopped. `ready` is False while an earlier
-    action is still in flight (containers starting or draining); the loop then holds the pool instead of
-    acting on a count that is about to change. `detail` is for logs and `status`.
+    scale-up is still in flight (containers starting); the loop then holds a scale-up instead of acting on a
+    count that is about to change. `down_ready` says the same for a scale-down (None: as `ready`; Swarm
+    always allows one). `wanted` is the count the platform was asked for when it keeps its own (Swarm's
+    replica spec), `unplaceable` the replicas it cannot place (with the reason in `detail`).
     """
 
     running: int
     ready: bool = True
     detail: str = ""
+    down_ready: bool | None = None
+    wanted: int | None = None
+    unplaceable: int = 0
+
+    @property
+    def may_scale_down(self) -> bool:
+        return self.ready if self.down_ready is None else self.down_ready
 
 
 class Backend(Protocol):

@@ -8,7 +8,9 @@ backend then re-reads and tries again.
 
 from __future__ import annotations
 
-from collections import Counter
+import datetime as dt
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from autoscaler.backends.docker_client import (
 )
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
+__all__ = ["START_BOUND", "UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
 
 # Version conflicts come from a concurrent update; a few fresh re-reads always get through one.
 UPDATE_ATTEMPTS = 5
@@ -32,6 +34,11 @@ _OUT_OF_SEQUENCE = "update out of sequence"
 # Task states before "running" (https://docs.docker.com/engine/swarm/how-swarm-mode-works/swarm-task-states/).
 _STARTING_STATES = frozenset({"new", "pending", "assigned", "accepted", "ready", "preparing", "starting"})
 _FAILED_STATES = frozenset({"failed", "rejected", "orphaned"})
+# A scale-up waits this long at most for tasks that are still starting (image pulls included); a task not
+# placed or started by then no longer holds the pool, and is reported as unplaceable.
+START_BOUND = 120.0
+# How the scheduler words "no node can take this task" in a pending task's Status.Err.
+_NO_NODE = ("no suitable node", "insufficient resources")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,58 +46,97 @@ class TaskCounts:
     """A service's tasks by what they are doing now."""
 
     running: int = 0
-    starting: int = 0
-    stopping: int = 0
-    failed: int = 0
+    starting: int = 0  # on their way up, for less than START_BOUND: a scale-up waits for them
+    stopping: int = 0  # being stopped (warm shutdown): never counted, never waited for
+    failed: int = 0  # failed tasks still in the task history
+    unplaceable: int = 0  # not placed (no node can take them) or not started within START_BOUND
+    unplaceable_reason: str = ""
 
 
-def count_tasks(tasks: list[dict[str, Any]]) -> TaskCounts:
-    """Running / starting / stopping tasks and failed ones still in the task history."""
-    counts: Counter[str] = Counter()
+def count_tasks(
+    tasks: list[dict[str, Any]], *, now: float | None = None, start_bound: float = START_BOUND
+) -> TaskCounts:
+    """Running / starting / stopping / unplaceable tasks, and failed ones still in the task history."""
+    now = time.time() if now is None else now
+    running = starting = stopping = failed = unplaceable = 0
+    reasons: list[str] = []
     for task in tasks:
-        state = str((task.get("Status") or {}).get("State", ""))
+        status = task.get("Status") or {}
+        state = str(status.get("State", ""))
         desired = str(task.get("DesiredState", ""))
         if state in _FAILED_STATES:
-            counts["failed"] += 1
+            failed += 1
         elif desired == "running" and state == "running":
-            counts["running"] += 1
+            running += 1
         elif desired == "running" and state in _STARTING_STATES:
-            counts["starting"] += 1
+            error = str(status.get("Err") or "")
+            age = now - _timestamp(task.get("CreatedAt"), default=now)
+            if any(words in error for words in _NO_NODE) or age >= start_bound:
+                unplaceable += 1
+                reasons.append(error or f"{state} for {age:.0f}s")
+            else:
+                starting += 1
         elif desired != "running" and state in (_STARTING_STATES | {"running"}):
-            counts["stopping"] += 1
-    return TaskCounts(
-        running=counts["running"],
-        starting=counts["starting"],
-        stopping=counts["stopping"],
-        failed=counts["failed"],
-    )
+            stopping += 1
+    reason = max(set(reasons), key=reasons.count) if reasons else ""
+    return TaskCounts(running, starting, stopping, failed, unplaceable, reason)
+
+
+def _timestamp(value: Any, *, default: float) -> float:
+    """Seconds since the epoch of a Docker RFC 3339 time with nanoseconds ("2026-12-01T13:40:00.123456789Z")."""
+    if not isinstance(value, str) or not value:
+        return default
+    text = value.rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    try:
+        moment = dt.datetime.fromisoformat(f"{whole}.{(fraction or '0')[:6]:0<6}+00:00")
+    except ValueError:
+        return default
+    return moment.timestamp()
 
 
 class SwarmBackend:
     """Backend for `target: {swarm: {service}}` pools; needs the daemon to be a Swarm manager."""
 
     def __init__(
-        self, *, docker_connection: DockerConnection, update_attempts: int = UPDATE_ATTEMPTS
+        self,
+        *,
+        docker_connection: DockerConnection,
+        update_attempts: int = UPDATE_ATTEMPTS,
+        start_bound: float = START_BOUND,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._docker = docker_connection
         self._update_attempts = update_attempts
+        self._start_bound = start_bound
+        self._clock = clock
 
     def check(self, pool: PoolPolicy) -> None:
         self._replicated_spec(pool)
 
     def status(self, pool: PoolPolicy) -> TargetStatus:
-        """`running` is the replica spec Swarm converges to; not ready while its tasks differ from it."""
+        """`running` is what runs. A scale-down is always allowed; a scale-up waits for tasks still starting,
+        and for a rolling update, for START_BOUND at most. Tasks no node can take are reported, not waited for."""
         info, wanted = self._replicated_spec(pool)
         name = self._name(pool)
         tasks = self._docker.call(
             f"list the tasks of swarm service {name}",
             lambda c: untyped_api(c).tasks(filters={"service": str(info["ID"])}),
         )
-        counts = count_tasks(tasks)
-        updating = str((info.get("UpdateStatus") or {}).get("State", "")) in ("updating", "rollback_started")
-        ready = counts.running == wanted and not counts.starting and not counts.stopping and not updating
-        detail = _detail(name, wanted, counts, updating=updating)
-        return TargetStatus(running=wanted, ready=ready, detail=detail)
+        now = self._clock()
+        counts = count_tasks(tasks, now=now, start_bound=self._start_bound)
+        update = info.get("UpdateStatus") or {}
+        updating = str(update.get("State", "")) in ("updating", "rollback_started") and (
+            now - _timestamp(update.get("StartedAt"), default=now) < self._start_bound
+        )
+        return TargetStatus(
+            running=counts.running,
+            ready=not counts.starting and not updating,
+            down_ready=True,
+            wanted=wanted,
+            unplaceable=counts.unplaceable,
+            detail=_detail(name, wanted, counts, updating=updating),
+        )
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         name = self._name(pool)
@@ -215,6 +261,8 @@ def _detail(name: str, wanted: int, counts: TaskCounts, *, updating: bool) -> st
         parts.append(f"{counts.starting} starting")
     if counts.stopping:
         parts.append(f"{counts.stopping} stopping")
+    if counts.unplaceable:
+        parts.append(f"{counts.unplaceable} cannot be placed ({counts.unplaceable_reason})")
     if counts.failed:
         parts.append(f"{counts.failed} failed in recent task history")
     if updating:

@@ -40,6 +40,11 @@ class Metrics:
         self.pool_current = Gauge("autoscaler_pool_current_replicas", "Replicas running now", ["pool"], registry=r)
         self.pool_desired = Gauge("autoscaler_pool_desired_replicas", "Replicas decided", ["pool"], registry=r)
         self.pool_metric = Gauge("autoscaler_pool_metric", "The value the pool's strategy saw", ["pool"], registry=r)
+        self.pool_unplaceable = Gauge(
+            "autoscaler_pool_unplaceable_replicas",
+            "Replicas the platform was asked for but cannot place (Swarm: no node with the resources)",
+            ["pool"], registry=r,
+        )
         self.actions = Counter(
             "autoscaler_actions",
             "Scaling actions by pool, direction and result (ok, error, dry_run)",

@@ -14,7 +14,12 @@ from dockertest import PREFIX, make_pool, unique_name, wait_until
 from autoscaler.backends.base import BackendError, TargetStatus
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.backends.swarm import SwarmBackend
-from autoscaler.policy.model import PoolPolicy
+from autoscaler.loop import Controller
+from autoscaler.observability.metrics import Metrics
+from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
+from autoscaler.policy.watch import FixedPolicy
+from autoscaler.sources.celery_redis import CeleryRedisSource
+from autoscaler.state_store import MemoryStateStore
 
 pytestmark = pytest.mark.docker
 
@@ -99,7 +104,7 @@ def test_scale_1_to_3_to_1(services: Any, backend: SwarmBackend) -> None:
     backend.scale(pool, current=1, desired=3)
     service.reload()
     assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 3
-    assert backend.status(pool).running == 3
+    assert backend.status(pool).wanted == 3  # asked for; `running` is what runs
     up = settle(backend, pool, 3)
     assert "3 wanted, 3 running" in up.detail
     assert running_tasks(service) == 3
@@ -210,3 +215,45 @@ def test_a_scale_changes_only_the_count_and_restarts_no_task(
             lambda: not swarm.containers.list(all=True, filters={"label": f"com.docker.swarm.service.name={name}"}),
             timeout=60, what="the service's task containers to be removed",
         )
+
+
+@pytest.mark.redis
+def test_a_pool_with_tasks_no_node_can_take_scales_down_when_the_queue_empties(
+    swarm: docker.DockerClient, services: Any, backend: SwarmBackend, redis_url: str
+) -> None:
+    """Trust boundaries II, 2: spec 10 with a memory reservation that lets 3 run; the queue is empty. The pool
+    used to hold at 10 ('10 wanted, 3 running, 7 starting') for as long as the reservation stayed."""
+    reservation = int(swarm.info()["MemTotal"] / 3.5)  # three fit on this node, the fourth does not
+    service = services(
+        labels={"autoscaler.pool": "swarmstuck"}, mode=ServiceMode("replicated", replicas=10),
+        resources=docker.types.Resources(mem_reservation=reservation),
+    )
+    policy = Policy.model_validate({"interval": 1, "pools": {"swarmstuck": {
+        "target": {"swarm": {"service": service.name}}, "queues": ["stuck"],
+        "min": 2, "max": 10, "tiers": [{"above": 100, "replicas": 10}, {"below": 10, "replicas": 2}],
+        "cooldown": {"up": "0s", "down": "0s"}, "stabilization": "0s",
+    }}})
+    pool = policy.pools[0]
+
+    def stuck() -> TargetStatus | None:
+        status = backend.status(pool)
+        return status if status.running == 3 and status.unplaceable == 7 else None
+
+    status = wait_until(stuck, timeout=90, what="3 tasks running and 7 that no node can take")
+    assert status.ready and status.wanted == 10 and "7 cannot be placed (no suitable node" in status.detail
+
+    metrics = Metrics()
+    controller = Controller(
+        policies=FixedPolicy(policy),
+        source=CeleryRedisSource(url=redis_url, broker=BrokerOptions()), backend=backend,
+        store=MemoryStateStore(), metrics=metrics,
+    )
+    report = controller.tick()
+    decision = report.pools[0].decision
+    assert (decision.current, decision.desired) == (3, 2), decision.reason
+    assert report.pools[0].action is not None and report.pools[0].action.ok
+    assert metrics.pool_unplaceable.labels("swarmstuck")._value.get() == 7
+    service.reload()
+    assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
+    settle(backend, pool, 2)
+    assert backend.status(pool).unplaceable == 0

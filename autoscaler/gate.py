@@ -1,0 +1,41 @@
+"""Whether a decision may be carried out now, given what the backend sees of the target. Pure.
+
+A scale-up waits while an earlier one is still starting (the count is about to change); a scale-down waits
+only where the backend says so (Compose, while its own creates are in flight; Swarm never). A count the
+platform was already asked for (Swarm's replica spec) is not asked for again. Tasks the platform cannot
+place are said in the reason, whatever the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from autoscaler.backends.base import TargetStatus
+from autoscaler.types import Decision, Direction
+
+__all__ = ["gate"]
+
+
+def gate(decision: Decision, status: TargetStatus | None) -> Decision:
+    if status is None:
+        return decision
+    if status.unplaceable:
+        decision = replace(decision, reason=f"{decision.reason}; {status.detail}")
+    direction = decision.direction
+    if direction is Direction.HOLD:
+        return decision
+    if status.wanted is not None and decision.desired == status.wanted:
+        return replace(
+            decision, desired=decision.current,
+            reason=f"{decision.reason}; {status.wanted} already asked for, holding" + (
+                "" if status.unplaceable else f" ({status.detail})"
+            ),
+        )
+    allowed = status.ready if direction is Direction.UP else status.may_scale_down
+    if allowed:
+        return decision
+    # Holding: a repair (or any action) that did not happen must not be remembered as one.
+    return replace(
+        decision, desired=decision.current, details={k: v for k, v in decision.details.items() if k != "repair"},
+        reason=f"{decision.reason}; waiting: {status.detail or 'busy'}",
+    )
