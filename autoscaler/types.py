@@ -19,7 +19,7 @@ __all__ = ["MAX_STORED_REPLICAS", "Decision", "Direction", "Observation", "PoolS
 # A stored recommendation above this is not one any policy could have made (policies cap max at 10,000).
 MAX_STORED_REPLICAS = 1_000_000
 MAX_DRAINING = 10_000
-_CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
+_CONTAINER_ID = re.compile(r"^([0-9a-f]{12,64}|[0-9a-z]{25})$")  # a container id, or a Swarm task id
 
 
 class Direction(StrEnum):

@@ -113,14 +113,17 @@ def build_backend(
         if metrics is not None:
             metrics.replica_failures.labels(pool, reason).inc()
 
+    # One Celery client for both: which workers are busy (Compose victims), and warm shutdowns (Swarm drains).
+    celery_control = CeleryBusyProbe(broker_url=settings.redis_url, timeout=settings.busy_probe_timeout)
     compose = ComposeBackend(
         docker_connection=connection,
         default_project=settings.compose_project,
-        busy_probe=CeleryBusyProbe(broker_url=settings.redis_url, timeout=settings.busy_probe_timeout),
+        busy_probe=celery_control,
         on_replica_failure=on_replica_failure,
         read_only=read_only,
     )
-    return BackendRouter(compose=compose, swarm=SwarmBackend(docker_connection=connection))
+    swarm = SwarmBackend(docker_connection=connection, control=None if read_only else celery_control)
+    return BackendRouter(compose=compose, swarm=swarm)
 
 
 def forget_legacy_templates(client: redis.Redis, *, prefix: str) -> int:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from autoscaler.backends.base import TargetStatus
 from autoscaler.backends.swarm import count_tasks
+from autoscaler.backends.swarm_drain import choose_victims
 from autoscaler.gate import gate
 from autoscaler.types import Decision, Direction, PoolState
 
@@ -83,3 +84,36 @@ task_like = st.fixed_dictionaries({}, optional={
 def test_any_task_list_is_counted_without_raising(tasks: list[dict[str, Any]]) -> None:
     counts = count_tasks(tasks, now=NOW)
     assert counts.running + counts.starting + counts.stopping + counts.failed + counts.unplaceable <= len(tasks)
+
+
+def running_task(task_id: str, container: str, created: str) -> dict[str, Any]:
+    return {"ID": task_id, "DesiredState": "running", "CreatedAt": created,
+            "Status": {"State": "running", "ContainerStatus": {"ContainerID": container}}}
+
+
+def test_victims_are_idle_workers_first_and_the_newest_among_them() -> None:
+    tasks = [
+        running_task("t1", "a" * 64, "2026-12-01T10:00:00Z"),
+        running_task("t2", "b" * 64, "2026-12-01T11:00:00Z"),
+        running_task("t3", "c" * 64, "2026-12-01T12:00:00Z"),
+    ]
+    nodes = {f"w@{'a' * 12}": False, f"w@{'b' * 12}": True, f"w@{'c' * 12}": False}
+    assert choose_victims(tasks, nodes, count=1, spec_hostname="") == {"t3": f"w@{'c' * 12}"}
+    assert set(choose_victims(tasks, nodes, count=2, spec_hostname="") or {}) == {"t1", "t3"}
+    assert set(choose_victims(tasks, nodes, count=3, spec_hostname="") or {}) == {"t1", "t2", "t3"}
+
+
+def test_no_victims_when_workers_cannot_be_matched_to_tasks() -> None:
+    tasks = [running_task("t1", "a" * 64, "2026-12-01T10:00:00Z")]
+    assert choose_victims(tasks, {"w@someone-else": False}, count=1, spec_hostname="") is None
+    assert choose_victims(tasks, {f"w@{'a' * 12}": False}, count=1, spec_hostname="{{.Task.Name}}") is None
+
+
+@given(st.lists(task_like, max_size=10), st.dictionaries(st.text(max_size=20), st.booleans(), max_size=10),
+       st.integers(0, 12))
+def test_victim_choice_never_raises_and_never_picks_more_than_asked(
+    tasks: list[dict[str, Any]], nodes: dict[str, bool], count: int
+) -> None:
+    running = [{**t, "ID": f"t{i}"} for i, t in enumerate(tasks)]
+    victims = choose_victims(running, nodes, count=count, spec_hostname="")
+    assert victims is None or len(victims) == count

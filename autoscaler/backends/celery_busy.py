@@ -18,7 +18,7 @@ from loguru import logger
 
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["DEFAULT_PROBE_TIMEOUT", "CeleryBusyProbe", "busy_hosts"]
+__all__ = ["DEFAULT_PROBE_TIMEOUT", "CeleryBusyProbe", "busy_hosts", "worker_nodes"]
 
 DEFAULT_PROBE_TIMEOUT = 1.0
 # Beyond the broadcast's own timeout: connecting to the broker and collecting the replies.
@@ -30,6 +30,13 @@ def busy_hosts(replies: dict[str, Any] | None) -> set[str] | None:
     if not replies:
         return None  # nobody answered: unknown, not "all idle"
     return {node.partition("@")[2] or node for node, tasks in replies.items() if tasks}
+
+
+def worker_nodes(replies: dict[str, Any] | None) -> dict[str, bool] | None:
+    """`{"celery@abc123": [task, ...]}` -> `{"celery@abc123": True}`: every answering worker, busy or not."""
+    if not replies:
+        return None
+    return {str(node): bool(tasks) for node, tasks in replies.items()}
 
 
 class CeleryBusyProbe:
@@ -45,10 +52,21 @@ class CeleryBusyProbe:
         self._app.conf.broker_connection_timeout = timeout
         self._app.conf.broker_connection_retry = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="celery-busy-probe")
-        self._pending: Future[set[str] | None] | None = None
+        self._pending: Future[dict[str, Any] | None] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, pool: PoolPolicy) -> set[str] | None:
+        return busy_hosts(self._replies(pool))
+
+    def workers(self, pool: PoolPolicy) -> dict[str, bool] | None:
+        """Node name -> busy for every worker that answered (all pools: the caller matches its own)."""
+        return worker_nodes(self._replies(pool))
+
+    def shutdown(self, nodenames: list[str]) -> None:
+        """Ask these workers for a warm shutdown: they stop consuming, finish what they run, and exit 0."""
+        self._app.control.shutdown(destination=nodenames)
+
+    def _replies(self, pool: PoolPolicy) -> dict[str, Any] | None:
         with self._lock:
             if self._pending is not None and not self._pending.done():
                 return None  # the broker is slow: don't pile up probes
@@ -64,10 +82,10 @@ class CeleryBusyProbe:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._app.close()
 
-    def _ask(self) -> set[str] | None:
+    def _ask(self) -> dict[str, Any] | None:
         try:
-            replies = self._app.control.inspect(timeout=self._timeout).active()
+            replies: dict[str, Any] | None = self._app.control.inspect(timeout=self._timeout).active()
         except Exception as exc:  # broker down, auth, anything: the answer is just "unknown"
             logger.debug("busy-worker probe failed: {}", exc)
             return None
-        return busy_hosts(replies)
+        return replies if isinstance(replies, dict) else None

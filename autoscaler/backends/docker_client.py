@@ -222,6 +222,11 @@ class DockerConnection:
         self._gave_up = None
         return result
 
+    def check_fence(self, what: str) -> None:
+        """The same lease check as before each call, for actions that are not Docker calls (Celery control)."""
+        if self._fence is not None:
+            self._fence(what)
+
     def ping(self) -> None:
         """Raise BackendError unless the daemon answers."""
         self.call("ping the Docker daemon", lambda client: client.ping())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import docker
@@ -24,6 +24,7 @@ from autoscaler.backends.docker_client import (
     DockerNotFoundError,
     untyped_api,
 )
+from autoscaler.backends.swarm_drain import SwarmDrainer, WorkerControl
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = ["START_BOUND", "UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
@@ -105,11 +106,18 @@ class SwarmBackend:
         update_attempts: int = UPDATE_ATTEMPTS,
         start_bound: float = START_BOUND,
         clock: Callable[[], float] = time.time,
+        control: WorkerControl | None = None,
     ) -> None:
+        """`control` (Celery's remote control) lets a scale-down drain idle workers first (swarm_drain.py);
+        without it, Swarm chooses which tasks to stop."""
         self._docker = docker_connection
         self._update_attempts = update_attempts
         self._start_bound = start_bound
         self._clock = clock
+        self._drainer = None if control is None else SwarmDrainer(
+            control=control, list_tasks=self._tasks, set_replicas=self._set_replicas,
+            fence=docker_connection.check_fence, clock=clock,
+        )
 
     def check(self, pool: PoolPolicy) -> None:
         self._replicated_spec(pool)
@@ -119,12 +127,14 @@ class SwarmBackend:
         and for a rolling update, for START_BOUND at most. Tasks no node can take are reported, not waited for."""
         info, wanted = self._replicated_spec(pool)
         name = self._name(pool)
-        tasks = self._docker.call(
-            f"list the tasks of swarm service {name}",
-            lambda c: untyped_api(c).tasks(filters={"service": str(info["ID"])}),
-        )
+        tasks = self._tasks(str(info["ID"]))
         now = self._clock()
-        counts = count_tasks(tasks, now=now, start_bound=self._start_bound)
+        draining = self._drainer.draining(pool.name) if self._drainer is not None else set()
+        in_shutdown = [t for t in tasks if str(t.get("ID")) in draining]
+        counts = count_tasks(
+            [t for t in tasks if str(t.get("ID")) not in draining], now=now, start_bound=self._start_bound
+        )
+        counts = replace(counts, stopping=counts.stopping + len(in_shutdown))
         update = info.get("UpdateStatus") or {}
         updating = str(update.get("State", "")) in ("updating", "rollback_started") and (
             now - _timestamp(update.get("StartedAt"), default=now) < self._start_bound
@@ -139,11 +149,43 @@ class SwarmBackend:
         )
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+        if self._drainer is not None:
+            if self._drainer.retarget(pool.name, desired):
+                return  # a drain is under way: its watcher moves the count to `desired` + victims still running
+            if desired < current:
+                info, _ = self._replicated_spec(pool)
+                if self._drainer.begin(pool, info, self._tasks(str(info["ID"])), desired=desired):
+                    return
+        self._set_replicas(pool, desired)
+
+    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
+        return self._drainer.marks(pool.name) if self._drainer is not None else ()
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
+        if self._drainer is None or not marks:
+            return
+        info, wanted = self._replicated_spec(pool)
+        self._drainer.resume(pool, info, self._tasks(str(info["ID"])), marks, replicas=wanted)
+
+    def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.close()
+        self._docker.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _tasks(self, service_id: str) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = self._docker.call(
+            f"list the tasks of swarm service {service_id}",
+            lambda c: untyped_api(c).tasks(filters={"service": service_id}),
+        )
+        return tasks
+
+    def _set_replicas(self, pool: PoolPolicy, desired: int) -> None:
+        """Write `desired` into the service's replica spec (re-read and retried on a version conflict)."""
         name = self._name(pool)
         for attempt in range(1, self._update_attempts + 1):
             info, wanted = self._replicated_spec(pool)
-            if attempt == 1 and wanted != current:
-                logger.info("swarm service {}: spec says {}, the loop saw {}", name, wanted, current)
             if wanted == desired:
                 return
             try:
@@ -155,18 +197,6 @@ class SwarmBackend:
                 continue
             logger.debug("swarm service {}: replicas {} -> {}", name, wanted, desired)
             return
-
-    def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:  # noqa: ARG002 - protocol
-        # Swarm stops its own tasks (with the service's stop_grace_period); nothing to carry over.
-        return ()
-
-    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
-        return None
-
-    def close(self) -> None:
-        self._docker.close()
-
-    # -- helpers ------------------------------------------------------------------------------------
 
     def _name(self, pool: PoolPolicy) -> str:
         swarm = pool.target.swarm

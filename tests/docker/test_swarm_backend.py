@@ -70,7 +70,7 @@ def services(swarm: docker.DockerClient, worker_image: str) -> Iterator[Any]:
     # Swarm removes a service's task containers asynchronously: wait, so nothing outlives the test.
     names = [f"com.docker.swarm.service.name={service.name}" for service in created]
     wait_until(
-        lambda: not any(swarm.containers.list(all=True, filters={"label": name}) for name in names),
+        lambda: not any(swarm.api.containers(all=True, filters={"label": name}) for name in names),
         timeout=60, what="the services' task containers to be removed",
     )
 
@@ -212,7 +212,7 @@ def test_a_scale_changes_only_the_count_and_restarts_no_task(
     finally:
         service.remove()
         wait_until(
-            lambda: not swarm.containers.list(all=True, filters={"label": f"com.docker.swarm.service.name={name}"}),
+            lambda: not swarm.api.containers(all=True, filters={"label": f"com.docker.swarm.service.name={name}"}),
             timeout=60, what="the service's task containers to be removed",
         )
 

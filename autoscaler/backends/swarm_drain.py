@@ -1,0 +1,230 @@
+"""Idle-first, lossless scale-down of a Swarm service.
+
+Swarm chooses which task to remove when the replica count drops (moby#33426 is still open) and stops it
+with the service's stop_grace_period: it removed busy workers while idle ones stayed, and a task longer than
+the grace is killed. So the count is not lowered first. The victims are chosen among the running tasks,
+idle Celery workers first (newest first among equals), and asked for a warm shutdown over Celery's remote
+control: each stops consuming, finishes what it runs, however long, and exits 0. A watcher then keeps the
+replica count at `final + victims still running`, so each exited victim's slot is removed as soon as it is
+seen (every half second): Swarm removes slots whose task is not running before running ones (swarmkit's
+replicated orchestrator, for equal node balance), and its restart delay (5 s by default) keeps the slot
+empty until then. A scale decided during a drain moves `final`; the same rule then raises or lowers the count.
+
+Telling the workers apart needs their Celery node names to carry the container's hostname (`-n name@%h`,
+Swarm's default hostname being the container id's first 12 characters). When they cannot be matched to the
+tasks (no answer from Celery, a templated hostname), the backend lowers the count itself, as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from loguru import logger
+
+from autoscaler.backends.base import BackendError
+from autoscaler.policy.model import PoolPolicy
+
+__all__ = ["POLL", "SwarmDrainer", "WorkerControl", "choose_victims", "task_hostname"]
+
+POLL = 0.5
+# A victim that has not exited by its pool's stop_timeout is given up on: the count goes to `final` and Swarm
+# stops a task of its choice with the service's grace. The shutdown request is repeated meanwhile, in case a
+# worker missed it (a broker restart).
+RESEND_EVERY = 30.0
+
+DrainMarks = tuple[tuple[str, float], ...]
+
+
+class WorkerControl(Protocol):
+    def workers(self, pool: PoolPolicy) -> dict[str, bool] | None: ...
+    def shutdown(self, nodenames: list[str]) -> None: ...
+
+
+def task_hostname(task: dict[str, Any], spec_hostname: str) -> str | None:
+    """The hostname a task's container has (Swarm's default: the container id's first 12 characters)."""
+    if spec_hostname:
+        return None  # templated per task: not derivable from the task list
+    container = str(((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID") or "")
+    return container[:12] or None
+
+
+def choose_victims(
+    running: list[dict[str, Any]], nodes: dict[str, bool], *, count: int, spec_hostname: str
+) -> dict[str, str] | None:
+    """Task id -> Celery node name of `count` running tasks: idle workers first, newest first; None when
+    fewer than `count` running tasks can be matched to a worker that answered."""
+    by_host = {node.partition("@")[2]: node for node in nodes}
+    matched = []
+    for task in running:
+        host = task_hostname(task, spec_hostname)
+        if host is not None and host in by_host:
+            node = by_host[host]
+            matched.append((nodes[node], str(task.get("CreatedAt") or ""), str(task["ID"]), node))
+    if len(matched) < count:
+        return None
+    matched.sort(key=lambda m: (m[0], _reverse(m[1])))  # idle (False) first, then the newest
+    return {task_id: node for _, _, task_id, node in matched[:count]}
+
+
+def _reverse(text: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in text)
+
+
+@dataclass
+class _Drain:
+    pool: PoolPolicy
+    service_id: str
+    final: int
+    victims: dict[str, str]  # task id -> node name
+    deadlines: dict[str, float]
+    sent: float
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SwarmDrainer:
+    """The drains under way, one per pool, each followed by a watcher thread."""
+
+    def __init__(
+        self,
+        *,
+        control: WorkerControl,
+        list_tasks: Callable[[str], list[dict[str, Any]]],
+        set_replicas: Callable[[PoolPolicy, int], None],
+        fence: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        poll: float = POLL,
+    ) -> None:
+        self._control = control
+        self._list_tasks = list_tasks
+        self._set_replicas = set_replicas
+        self._fence = fence
+        self._clock = clock
+        self._poll = poll
+        self._lock = threading.Lock()
+        self._drains: dict[str, _Drain] = {}
+        self._watchers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm-drain")
+
+    def draining(self, pool: str) -> set[str]:
+        with self._lock:
+            drain = self._drains.get(pool)
+            return set(drain.victims) if drain is not None and not drain.done.is_set() else set()
+
+    def marks(self, pool: str) -> DrainMarks:
+        with self._lock:
+            drain = self._drains.get(pool)
+            if drain is None or drain.done.is_set():
+                return ()
+            return tuple(sorted(drain.deadlines.items()))
+
+    def retarget(self, pool: str, final: int) -> bool:
+        """A new decision during a drain: it now ends at `final` (the watcher applies it). False: no drain."""
+        with self._lock:
+            drain = self._drains.get(pool)
+            if drain is None or drain.done.is_set():
+                return False
+            drain.final = final
+            return True
+
+    def begin(self, pool: PoolPolicy, service: dict[str, Any], tasks: list[dict[str, Any]], *, desired: int) -> bool:
+        """Start draining down to `desired`; False when the workers cannot be told apart (the caller then
+        lowers the count itself)."""
+        spec_hostname = str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
+            "Hostname") or "")
+        already = self.draining(pool.name)
+        running = [t for t in tasks if _is_running(t) and str(t.get("ID")) not in already]
+        count = len(running) - desired
+        if count <= 0:
+            return self.retarget(pool.name, desired)
+        nodes = self._control.workers(pool)
+        victims = None if nodes is None else choose_victims(running, nodes, count=count, spec_hostname=spec_hostname)
+        if victims is None:
+            why = "a templated hostname" if spec_hostname else "no Celery answer matching its tasks"
+            logger.warning("pool {}: cannot tell which worker runs in which task ({}); Swarm chooses", pool.name, why)
+            return False
+        self._shutdown(pool, list(victims.values()))
+        deadline = self._clock() + pool.stop_timeout
+        with self._lock:
+            current = self._drains.get(pool.name)
+            if current is not None and not current.done.is_set():
+                current.victims.update(victims)
+                current.deadlines.update(dict.fromkeys(victims, deadline))
+                current.final = desired
+                return True
+            drain = _Drain(pool, str(service["ID"]), desired, dict(victims), dict.fromkeys(victims, deadline),
+                           self._clock())
+            self._drains[pool.name] = drain
+        logger.info("pool {}: warm shutdown asked of {} (idle first); the count follows as they exit",
+                    pool.name, ", ".join(sorted(victims.values())))
+        self._watchers.submit(self._watch, drain)
+        return True
+
+    def resume(self, pool: PoolPolicy, service: dict[str, Any], tasks: list[dict[str, Any]], marks: DrainMarks,
+               *, replicas: int) -> None:
+        """Leadership (re)starts mid-drain: follow the marked tasks that still run (only this service's)."""
+        running = {str(t.get("ID")): t for t in tasks if _is_running(t)}
+        alive = {task_id: deadline for task_id, deadline in marks if task_id in running}
+        if not alive:
+            return
+        with self._lock:
+            if pool.name in self._drains and not self._drains[pool.name].done.is_set():
+                return
+            drain = _Drain(pool, str(service["ID"]), max(0, replicas - len(alive)), dict.fromkeys(alive, ""),
+                           alive, 0.0)
+            self._drains[pool.name] = drain
+        logger.info("pool {}: following the warm shutdown of {} task(s) begun by an earlier controller",
+                    pool.name, len(alive))
+        self._watchers.submit(self._watch, drain)
+
+    def close(self) -> None:
+        with self._lock:
+            for drain in self._drains.values():
+                drain.done.set()
+        self._watchers.shutdown(wait=False, cancel_futures=True)
+
+    def _shutdown(self, pool: PoolPolicy, nodenames: list[str]) -> None:
+        if self._fence is not None:
+            self._fence(f"ask {len(nodenames)} worker(s) of pool {pool.name} for a warm shutdown")
+        try:
+            self._control.shutdown(nodenames)
+        except Exception as exc:  # the broker: the resend, or the deadline, takes it from here
+            logger.warning("pool {}: could not ask {} for a warm shutdown: {}", pool.name, nodenames, exc)
+
+    def _watch(self, drain: _Drain) -> None:
+        name = drain.pool.name
+        try:
+            while not drain.done.wait(self._poll):
+                tasks = self._list_tasks(drain.service_id)
+                running = {str(t.get("ID")) for t in tasks if _is_running(t)}
+                now = self._clock()
+                with self._lock:
+                    alive = {task_id for task_id in drain.victims if task_id in running}
+                    late = {task_id for task_id in alive if drain.deadlines.get(task_id, now) <= now}
+                    final = drain.final
+                if late:
+                    logger.warning("pool {}: {} victim(s) still running after stop_timeout; Swarm chooses now",
+                                   name, len(late))
+                    alive -= late
+                nodes = [drain.victims[t] for t in alive if drain.victims[t]]
+                if nodes and now - drain.sent >= RESEND_EVERY:
+                    self._shutdown(drain.pool, nodes)
+                    drain.sent = now
+                self._set_replicas(drain.pool, final + len(alive))
+                if not alive:
+                    logger.info("pool {}: drain finished at {} replicas", name, final)
+                    drain.done.set()
+        except BackendError as exc:
+            # Lease lost, daemon gone: the marks in the pool's state let the next leader follow the rest.
+            logger.warning("pool {}: stopped following its drain: {}", name, exc)
+            drain.done.set()
+        except Exception as exc:
+            logger.opt(exception=exc).error("pool {}: the drain watcher failed: {}", name, exc)
+            drain.done.set()
+
+
+def _is_running(task: dict[str, Any]) -> bool:
+    return task.get("DesiredState") == "running" and (task.get("Status") or {}).get("State") == "running"
