@@ -92,20 +92,17 @@ class LeaderLock:
         return result
 
     def confirm(self) -> bool:
-        """Renew the lease if this replica still holds it; False if it does not (or cannot tell in time).
+        """Renew the lease if this replica still holds it; False if it does not, or if Redis does not answer.
 
-        When Redis does not answer, nobody can take the lock either: the lease counts as held until the
-        expiry this replica last set (less a margin), then as lost.
+        Fails closed: in a partition, another replica that still reaches Redis may take the lock (and shorten
+        a foreign lease to two of its own), so a lease this replica cannot confirm is not one it may act on.
         """
         sent = time.monotonic()
         try:
             held = bool(self._confirm(keys=[self.key], args=[self.instance_id, self._ttl_ms()]))
         except redis.RedisError as exc:
-            with self._guard:
-                valid = time.monotonic() < self._valid_until - min(1.0, 0.2 * self.ttl)
-            if not valid:
-                logger.warning("cannot confirm the leader lease ({}) and it may have expired", exc)
-            return valid
+            logger.warning("cannot confirm the leader lease ({}): not acting on it", exc)
+            return False
         self._set_valid(sent if held else None)
         return held
 

@@ -26,7 +26,7 @@ from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.sources.base import MetricSource, SourceError
-from autoscaler.state_store import StateStoreError
+from autoscaler.state_store import StateFencedError, StateStoreError
 from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
 
 __all__ = ["STARTUP_GRACE", "Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
@@ -123,6 +123,9 @@ class Controller:
         if self._still_leading("write the pool state"):
             try:
                 self.store.save({r.decision.pool: r.decision.state for r in reports})
+            except StateFencedError as exc:
+                logger.warning("{}; another replica leads now", exc)
+                self.states = None
             except StateStoreError as exc:
                 # Kept in memory; the next successful write catches up. Only a restart in between loses it.
                 logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)

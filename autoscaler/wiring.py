@@ -189,7 +189,7 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
         policies=watcher,
         source=CeleryRedisSource(url=settings.redis_url, broker=policy.broker),
         backend=build_backend(settings, metrics, fence=fence),
-        store=RedisStateStore(state_client, prefix=settings.state_prefix),
+        store=RedisStateStore(state_client, prefix=settings.state_prefix, lease=(lock.key, lock.instance_id)),
         metrics=metrics,
         lock=lock,
         fence=fence,

@@ -7,6 +7,7 @@ recommendation, not the repair of a count someone else changed.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,19 @@ def test_the_loop_restores_a_count_lowered_from_outside_at_the_next_tick(
     assert (fast.decision.current, fast.decision.desired) == (2, 10)
     assert fast.action is not None and fast.action.ok and backend.replicas["worker-fast"] == 10
     assert controller.states is not None and controller.states["fast"].last_scale_up == clock.now - 2
+
+
+def test_a_repair_never_holds_back_a_scale_up_beyond_the_old_count() -> None:
+    """Review: one crash-looping replica kept current below target, and the repair capped every scale-up."""
+    p = pool(cooldown={"up": "30s", "down": "5m"}, max=20, tiers=[{"above": 500, "replicas": 15},
+                                                                 {"below": 10, "replicas": 2}])
+    state = PoolState(last_scale_up=NOW - 60, recommendations=((NOW - 60, 5),), target=5)
+    decision = decide(p, obs(650, 4), state, NOW)
+    assert (decision.desired, decision.details) == (15, {})  # the ordinary scale-up, not a capped repair
+    inside_cooldown = decide(p, obs(650, 4), replace(state, last_scale_up=NOW - 5), NOW)
+    assert (inside_cooldown.desired, inside_cooldown.details) == (5, {"repair": True})
+
+
+def test_a_paused_pool_forgets_the_count_it_had_set() -> None:
+    held = decide(pool(enabled=False), obs(650, 2), PoolState(target=10), NOW)
+    assert held.direction is Direction.HOLD and held.state.target is None

@@ -49,6 +49,18 @@ DANGEROUS: list[tuple[str, Any]] = [
     ("CgroupParent", "/"),
     ("MaskedPaths", []),
     ("ReadonlyPaths", []),
+    ("ReadonlyPaths", ["/x"]),  # any list replaces the daemon's defaults: /proc/sys writable
+    ("CapAdd", "ALL"),  # Docker's StrSlice takes a plain string too
+    ("CapAdd", "SYS_MODULE"),
+    ("Capabilities", ["CAP_SYS_ADMIN"]),
+    ("Sysctls", {"net.ipv4.ip_forward": "1"}),
+    ("PortBindings", {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "2222"}]}),
+    ("PublishAllPorts", True),
+    ("Links", ["/stack-db-1:/db"]),
+    ("Annotations", {"io.kubernetes.cri.untrusted-workload": "false"}),
+    ("Cgroup", "container:stack-autoscaler-1"),
+    ("SecurityOpt", ["no-new-privileges"] * 3000 + ["seccomp=unconfined"]),  # past a regex stack limit
+    ("SecurityOpt", "seccomp=unconfined"),
 ]
 
 

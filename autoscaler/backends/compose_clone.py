@@ -43,6 +43,9 @@ START_WORKERS = 8
 
 # Container fields that belong to one container only and must not be cloned.
 _PER_CONTAINER_CONFIG = ("Hostname", "MacAddress")
+# Host-config fields the daemon derives itself (from Privileged and SecurityOpt systempaths=...): left out,
+# so that a create never sends a /proc mask list of its own (the socket proxy refuses one).
+_DERIVED_HOST_CONFIG = ("MaskedPaths", "ReadonlyPaths")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,7 @@ def clone_config(template: dict[str, Any], *, pool: str, number: int, image: str
         OWNER_LABEL: pool,
         CLONE_LABEL: "true",
     }
-    host_config = dict(template["HostConfig"])
+    host_config = {k: v for k, v in template["HostConfig"].items() if k not in _DERIVED_HOST_CONFIG}
     host_config["ContainerIDFile"] = ""
     config["HostConfig"] = host_config
     return config

@@ -139,22 +139,31 @@ class SwarmBackend:
         updating = str(update.get("State", "")) in ("updating", "rollback_started") and (
             now - _timestamp(update.get("StartedAt"), default=now) < self._start_bound
         )
+        # During a drain the spec is `final` + victims still running: what the pool was asked for is `final`.
+        final = self._drainer.final(pool.name) if self._drainer is not None else None
         return TargetStatus(
             running=counts.running,
             ready=not counts.starting and not updating,
             down_ready=True,
-            wanted=wanted,
+            wanted=wanted if final is None else final,
             unplaceable=counts.unplaceable,
             detail=_detail(name, wanted, counts, updating=updating),
         )
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         if self._drainer is not None:
-            if self._drainer.retarget(pool.name, desired):
-                return  # a drain is under way: its watcher moves the count to `desired` + victims still running
-            if desired < current:
+            final = self._drainer.final(pool.name)
+            if final is not None and desired >= final:
+                # A drain is under way: its watcher moves the count to `desired` + victims still running.
+                self._drainer.retarget(pool.name, desired)
+                return
+            if desired < current or (final is not None and desired < final):
+                # Lower than before (a drain under way included): more idle victims, never Swarm's choice.
                 info, _ = self._replicated_spec(pool)
                 if self._drainer.begin(pool, info, self._tasks(str(info["ID"])), desired=desired):
+                    return
+                if final is not None:
+                    self._drainer.retarget(pool.name, desired)  # its watcher owns the count until it ends
                     return
         self._set_replicas(pool, desired)
 

@@ -26,12 +26,13 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from autoscaler.backends.base import BackendError
+from autoscaler.backends.base import BackendError, LeaseLostError
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = ["POLL", "SwarmDrainer", "WorkerControl", "choose_victims", "task_hostname"]
 
 POLL = 0.5
+MAX_BACKOFF = 10.0
 # A victim that has not exited by its pool's stop_timeout is given up on: the count goes to `final` and Swarm
 # stops a task of its choice with the service's grace. The shutdown request is repeated meanwhile, in case a
 # worker missed it (a broker restart).
@@ -58,7 +59,12 @@ def choose_victims(
 ) -> dict[str, str] | None:
     """Task id -> Celery node name of `count` running tasks: idle workers first, newest first; None when
     fewer than `count` running tasks can be matched to a worker that answered."""
-    by_host = {node.partition("@")[2]: node for node in nodes}
+    # Node names come over the broker, which any client can write: a host claimed by two names is ambiguous
+    # (one may be a fake answering for the real worker) and is never a victim.
+    claims: dict[str, list[str]] = {}
+    for node in nodes:
+        claims.setdefault(node.partition("@")[2], []).append(node)
+    by_host = {host: names[0] for host, names in claims.items() if len(names) == 1}
     matched = []
     for task in running:
         host = task_hostname(task, spec_hostname)
@@ -107,7 +113,9 @@ class SwarmDrainer:
         self._poll = poll
         self._lock = threading.Lock()
         self._drains: dict[str, _Drain] = {}
-        self._watchers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm-drain")
+        # One watcher per pool with a drain: never queued behind another pool's (its victims would exit and be
+        # restarted meanwhile).
+        self._watchers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="swarm-drain")
 
     def draining(self, pool: str) -> set[str]:
         with self._lock:
@@ -120,6 +128,12 @@ class SwarmDrainer:
             if drain is None or drain.done.is_set():
                 return ()
             return tuple(sorted(drain.deadlines.items()))
+
+    def final(self, pool: str) -> int | None:
+        """The count a drain under way ends at (None: no drain): what the pool was asked to become."""
+        with self._lock:
+            drain = self._drains.get(pool)
+            return drain.final if drain is not None and not drain.done.is_set() else None
 
     def retarget(self, pool: str, final: int) -> bool:
         """A new decision during a drain: it now ends at `final` (the watcher applies it). False: no drain."""
@@ -165,16 +179,24 @@ class SwarmDrainer:
 
     def resume(self, pool: PoolPolicy, service: dict[str, Any], tasks: list[dict[str, Any]], marks: DrainMarks,
                *, replicas: int) -> None:
-        """Leadership (re)starts mid-drain: follow the marked tasks that still run (only this service's)."""
+        """Leadership (re)starts mid-drain: follow the marked tasks that still run (only this service's).
+
+        Marks come from the stored state: deadlines are capped at the pool's stop_timeout from now, and the
+        victims' node names are asked of Celery again (to repeat the shutdown request)."""
         running = {str(t.get("ID")): t for t in tasks if _is_running(t)}
-        alive = {task_id: deadline for task_id, deadline in marks if task_id in running}
+        latest = self._clock() + pool.stop_timeout
+        alive = {task_id: min(deadline, latest) for task_id, deadline in marks if task_id in running}
         if not alive:
             return
+        spec_hostname = str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
+            "Hostname") or "")
+        nodes = self._control.workers(pool) or {}
+        named = choose_victims([running[t] for t in alive], nodes, count=len(alive), spec_hostname=spec_hostname)
+        victims = {task_id: (named or {}).get(task_id, "") for task_id in alive}
         with self._lock:
             if pool.name in self._drains and not self._drains[pool.name].done.is_set():
                 return
-            drain = _Drain(pool, str(service["ID"]), max(0, replicas - len(alive)), dict.fromkeys(alive, ""),
-                           alive, 0.0)
+            drain = _Drain(pool, str(service["ID"]), max(0, replicas - len(alive)), victims, alive, 0.0)
             self._drains[pool.name] = drain
         logger.info("pool {}: following the warm shutdown of {} task(s) begun by an earlier controller",
                     pool.name, len(alive))
@@ -196,34 +218,53 @@ class SwarmDrainer:
 
     def _watch(self, drain: _Drain) -> None:
         name = drain.pool.name
-        try:
-            while not drain.done.wait(self._poll):
-                tasks = self._list_tasks(drain.service_id)
-                running = {str(t.get("ID")) for t in tasks if _is_running(t)}
-                now = self._clock()
-                with self._lock:
-                    alive = {task_id for task_id in drain.victims if task_id in running}
-                    late = {task_id for task_id in alive if drain.deadlines.get(task_id, now) <= now}
-                    final = drain.final
-                if late:
-                    logger.warning("pool {}: {} victim(s) still running after stop_timeout; Swarm chooses now",
-                                   name, len(late))
-                    alive -= late
-                nodes = [drain.victims[t] for t in alive if drain.victims[t]]
-                if nodes and now - drain.sent >= RESEND_EVERY:
-                    self._shutdown(drain.pool, nodes)
-                    drain.sent = now
-                self._set_replicas(drain.pool, final + len(alive))
-                if not alive:
-                    logger.info("pool {}: drain finished at {} replicas", name, final)
-                    drain.done.set()
-        except BackendError as exc:
-            # Lease lost, daemon gone: the marks in the pool's state let the next leader follow the rest.
-            logger.warning("pool {}: stopped following its drain: {}", name, exc)
-            drain.done.set()
-        except Exception as exc:
-            logger.opt(exception=exc).error("pool {}: the drain watcher failed: {}", name, exc)
-            drain.done.set()
+        failures = 0
+        while not drain.done.wait(min(self._poll * 2**failures, MAX_BACKOFF)):
+            try:
+                finished = self._step(drain)
+            except LeaseLostError as exc:
+                # The marks in the pool's state let the next leader follow the rest.
+                logger.info("pool {}: no longer following its drain: {}", name, exc)
+                drain.done.set()
+                return
+            except BackendError as exc:
+                # The daemon restarting, a deploy racing the update: keep following, more slowly.
+                failures = min(failures + 1, 6)
+                logger.warning("pool {}: drain watcher: {}; retrying", name, exc)
+                continue
+            except Exception as exc:
+                logger.opt(exception=exc).error("pool {}: the drain watcher failed: {}", name, exc)
+                drain.done.set()
+                return
+            failures = 0
+            if finished:
+                logger.info("pool {}: drain finished at {} replicas", name, drain.final)
+                return
+
+    def _step(self, drain: _Drain) -> bool:
+        """One look at the victims and one count update; True (and the drain done) once none is left."""
+        tasks = self._list_tasks(drain.service_id)
+        running = {str(t.get("ID")) for t in tasks if _is_running(t)}
+        now = self._clock()
+        with self._lock:
+            alive = {task_id for task_id in drain.victims if task_id in running}
+            late = {task_id for task_id in alive if drain.deadlines.get(task_id, now) <= now}
+            final = drain.final
+        if late:
+            logger.warning("pool {}: {} victim(s) still running after stop_timeout; Swarm chooses now",
+                           drain.pool.name, len(late))
+            alive -= late
+        nodes = [drain.victims[t] for t in alive if drain.victims[t]]
+        if nodes and now - drain.sent >= RESEND_EVERY:
+            self._shutdown(drain.pool, nodes)
+            drain.sent = now
+        self._set_replicas(drain.pool, final + len(alive))
+        with self._lock:
+            # A decision taken while the count was being written moves `final`: not done, apply it next time.
+            if not alive and drain.final == final:
+                drain.done.set()
+                return True
+        return False
 
 
 def _is_running(task: dict[str, Any]) -> bool:

@@ -47,7 +47,8 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
         return Decision(pool.name, current, current, reason, new_state, **extra)  # type: ignore[arg-type]
 
     if not pool.enabled:
-        return hold("paused (enabled: false)")
+        # Whatever the operator does to a paused pool is theirs: nothing to restore when it is resumed.
+        return hold("paused (enabled: false)", replace(state, target=None))
 
     metric, why_unavailable = metric_value(pool, observation)
     if metric is None:
@@ -78,13 +79,9 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
         return result(pool.max, f"{current} is above max {pool.max}")
     if state.target is not None and current < state.target:
         if recommendation > current:
-            # Cooldowns, sustain and step limits pace changes of the recommendation; this count was lowered
-            # by someone else, and capacity that ran moments ago is restored at once (up to what is wanted).
-            desired = min(state.target, recommendation)
-            return result(desired, (
-                f"{explanation}; {current} running, below the {state.target} this controller set (lowered from "
-                f"outside, or replicas exited): restoring {desired} now"
-            ), repair=True)
+            desired, reason, repair = _restore(pool, state, now=now, current=current,
+                                               recommendation=recommendation, explanation=explanation)
+            return result(desired, reason, **({"repair": True} if repair else {}))
         state = replace(state, target=current)  # the lower count is what is wanted now too: nothing to restore
     if recommendation > current:
         return result(*_scale_up(pool, state, now=now, current=current, explanation=explanation))
@@ -93,6 +90,27 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
             *_scale_down(pool, state, now=now, current=current, recommendation=recommendation, explanation=explanation)
         )
     return result(current, explanation)
+
+
+def _restore(
+    pool: PoolPolicy, state: PoolState, *, now: float, current: int, recommendation: int, explanation: str
+) -> tuple[int, str, bool]:
+    """A count below the one this controller set, with more wanted: (desired, reason, is it a repair).
+
+    Cooldowns, sustain and step limits pace changes of the recommendation; this count was lowered by someone
+    else (or replicas exited), and capacity that ran moments ago is restored at once, up to what is wanted.
+    Beyond the old count, the scale-up is an ordinary, paced one.
+    """
+    assert state.target is not None
+    restore = min(state.target, recommendation)
+    if recommendation > state.target:
+        up, up_reason = _scale_up(pool, state, now=now, current=current, explanation=explanation)
+        if up > restore:
+            return up, up_reason, False
+    return restore, (
+        f"{explanation}; {current} running, below the {state.target} this controller set (lowered from "
+        f"outside, or replicas exited): restoring {restore} now"
+    ), True
 
 
 def _without_metric(pool: PoolPolicy, current: int | None, state: PoolState, why: str) -> Decision:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -29,7 +31,7 @@ CLONE_BODY: dict[str, Any] = json.loads((REPO / "tests" / "fixtures" / "clone-bo
 CLIENT = r"""
 import base64, http.client, json, os, sys
 results = []
-for case in json.loads(os.environ["CASES"]):
+for case in json.load(open("/cases/cases.json")):
     conn = http.client.HTTPConnection("proxy", 2375, timeout=30)
     body = base64.b64decode(case["body"]) if case["body"] is not None else None
     headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -55,10 +57,14 @@ class Proxy:
             ).decode()}
             for case in cases
         ]
-        output = self.client.containers.run(
-            self.python_image, ["python3", "-c", CLIENT], environment={"CASES": json.dumps(wire)},
-            network=self.network, remove=True, stdout=True, stderr=True,
-        )
+        # Through a file: the bodies (70 KB of padding, 3,000 options) are too long for an environment.
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "cases.json").write_text(json.dumps(wire))
+            os.chmod(folder, 0o755)
+            output = self.client.containers.run(
+                self.python_image, ["python3", "-c", CLIENT], network=self.network, remove=True, stdout=True,
+                stderr=True, volumes={folder: {"bind": "/cases", "mode": "ro"}},
+            )
         results: list[dict[str, Any]] = json.loads(output.decode().strip().splitlines()[-1])
         return results
 
@@ -140,6 +146,7 @@ REFUSED_CALLS = [
     ("GET", "/v1.41/info", None, "is not an endpoint"),
     ("PUT", "/v1.41/containers/{c}/archive?path=/", None, "is not an endpoint"),
     ("POST", "/v1.23/containers/{c}/start", {"Binds": ["/:/host"], "Privileged": True}, "below 1.24"),
+    ("GET", "/v1.023/containers/json", None, "below 1.24"),  # Docker reads it as 1.23
     ("GET", "/v1.41/containers/../info", None, "path refused"),
     ("GET", "/v1.41/containers/a%2f..%2finfo/json", None, "path refused"),
     ("POST", "/v1.41/containers/{c}/start", {}, "take no body"),
@@ -162,6 +169,10 @@ def test_a_create_that_asks_for_the_host_is_refused_and_creates_nothing(proxy: P
         create(proxy, unique_name("p"), SecurityOpt=["seccomp=unconfined"]),
         create(proxy, unique_name("p"), PidMode="host"),
         create(proxy, unique_name("p"), MaskedPaths=[]),
+        create(proxy, unique_name("p"), ReadonlyPaths=["/x"]),  # any list replaces the defaults
+        create(proxy, unique_name("p"), CapAdd="ALL"),  # a plain string is a list to Docker
+        create(proxy, unique_name("p"), SecurityOpt=["no-new-privileges"] * 3000 + ["seccomp=unconfined"]),
+        create(proxy, unique_name("p"), PortBindings={"22/tcp": [{"HostPort": "2222"}]}),
         create(proxy, unique_name("p"), Devices=[{"PathOnHost": "/dev/mem", "PathInContainer": "/dev/mem",
                                                    "CgroupPermissions": "rwm"}]),
     ]
@@ -211,3 +222,14 @@ def test_the_image_carries_this_config_and_runs_as_nobody(docker_env: DockerEnv)
     text = docker_env.client.containers.run(PROXY_IMAGE, ["cat", "/etc/haproxy/haproxy.cfg"], remove=True)
     assert text.decode() == (REPO / "deploy" / "socket-proxy" / "haproxy.cfg").read_text()
     assert docker_env.client.images.get(PROXY_IMAGE).attrs["Config"]["User"] == "65534"
+
+
+def test_http2_is_not_spoken(proxy: Proxy) -> None:
+    """An HTTP/2 request needs no Content-Length: its body could not be judged whole, so only HTTP/1 is spoken."""
+    script = (
+        "import socket; s = socket.create_connection(('proxy', 2375), timeout=10); "
+        "s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'); print(s.recv(64)); s.close()"
+    )
+    output = proxy.client.containers.run(proxy.python_image, ["python3", "-c", script], network=proxy.network,
+                                         remove=True).decode()
+    assert "HTTP/1" in output or output.strip() == "b''", output
