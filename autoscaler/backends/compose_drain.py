@@ -70,15 +70,20 @@ class Drainer:
 
     def _drain(self, target: ServiceRef, victim: Replica, grace: int, *, keep: bool = False) -> None:
         started = time.monotonic()
+        # Not fenced: the victim is marked in the pool's state, and whoever leads next stops and removes the
+        # same one. A leader that stops cleanly (its lock released) or loses its lease mid-drain still finishes
+        # what it began rather than leave a victim in warm shutdown, or stopped and never removed.
         try:
-            self._docker.call(f"stop container {victim.name}", lambda c: c.api.stop(victim.id, timeout=grace))
+            self._docker.call(
+                f"stop container {victim.name}", lambda c: c.api.stop(victim.id, timeout=grace), fenced=False
+            )
             if keep:
                 logger.info("{}: stopped {} in {:.1f}s and kept it: at zero replicas it is the template a "
                             "scale-up clones", target, victim.name, time.monotonic() - started)
                 return
             # v=True: a worker's anonymous volumes die with it, as with `docker compose down -v`.
             self._docker.call(
-                f"remove container {victim.name}", lambda c: c.api.remove_container(victim.id, v=True)
+                f"remove container {victim.name}", lambda c: c.api.remove_container(victim.id, v=True), fenced=False
             )
             logger.info(
                 "{}: stopped and removed {} in {:.1f}s", target, victim.name, time.monotonic() - started

@@ -190,8 +190,13 @@ class DockerConnection:
         """The daemon address in use, for messages."""
         return self._base_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
 
-    def call(self, what: str, fn: Callable[[docker.DockerClient], T], *, retry: bool = True) -> T:
+    def call(
+        self, what: str, fn: Callable[[docker.DockerClient], T], *, retry: bool = True, fenced: bool = True
+    ) -> T:
         """Run `fn(client)`; retry transient failures within the budget; raise BackendError saying `what`.
+
+        `fenced=False` skips the lease check: only for finishing a drain already marked in the pool's state
+        (stopping and removing those same victims is what the next leader does too, so it is idempotent).
 
         `retry=False` still retries failures to *reach* the daemon, never an answer it gave: for calls that
         are not idempotent (create) or whose 5xx is usually permanent (start).
@@ -211,7 +216,7 @@ class DockerConnection:
         )
         started = time.monotonic()
         try:
-            result = retrying(lambda: self._attempt(what, fn))
+            result = retrying(lambda: self._attempt(what, fn, fenced=fenced))
         except BackendError:
             raise
         except (DockerException, requests.RequestException, OSError) as exc:
@@ -241,8 +246,8 @@ class DockerConnection:
     def close(self) -> None:
         self.reset()
 
-    def _attempt(self, what: str, fn: Callable[[docker.DockerClient], T]) -> T:
-        if self._fence is not None:
+    def _attempt(self, what: str, fn: Callable[[docker.DockerClient], T], *, fenced: bool = True) -> T:
+        if fenced and self._fence is not None:
             self._fence(what)
         if not self._reachable:
             self._preflight()

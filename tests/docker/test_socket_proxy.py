@@ -9,6 +9,7 @@ Every refused create is checked to have created nothing.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +25,11 @@ from tests.docker.dockertest import REPO, remove_network, unique_name, wait_unti
 
 pytestmark = pytest.mark.docker
 
-PROXY_IMAGE = "autoscaler-socket-proxy:dev"
+# Tagged by content: a concurrent run from another checkout (another haproxy.cfg) never retags this one's.
+PROXY_DIR = REPO / "deploy" / "socket-proxy"
+PROXY_IMAGE = "autoscaler-socket-proxy:test-" + hashlib.sha256(
+    b"".join(p.read_bytes() for p in sorted(PROXY_DIR.iterdir()))
+).hexdigest()[:12]
 CLONE_BODY: dict[str, Any] = json.loads((REPO / "tests" / "fixtures" / "clone-body.json").read_text())
 
 # Runs inside the client container: sends each case as given (bytes, chunked or not) and prints the answers.
@@ -47,8 +52,10 @@ print(json.dumps(results))
 
 
 class Proxy:
-    def __init__(self, client: docker.DockerClient, python_image: str, network: str, label: str) -> None:
+    def __init__(self, client: docker.DockerClient, python_image: str, network: str, label: str,
+                 container: Any) -> None:
         self.client, self.python_image, self.network, self.label = client, python_image, network, label
+        self.container = container
 
     def send(self, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         wire = [
@@ -76,7 +83,7 @@ class Proxy:
 def proxy(docker_env: DockerEnv) -> Iterator[Proxy]:
     client = docker_env.client
     client.images.build(
-        path=str(REPO / "deploy" / "socket-proxy"), tag=PROXY_IMAGE, rm=True,
+        path=str(PROXY_DIR), tag=PROXY_IMAGE, rm=True,
         buildargs={"DEBIAN_IMAGE": docker_env.python_image},
     )
     network = client.networks.create(unique_name("proxynet"), driver="bridge", internal=True)
@@ -97,7 +104,7 @@ def proxy(docker_env: DockerEnv) -> Iterator[Proxy]:
             return bool(container.attrs["State"].get("Health", {}).get("Status") == "healthy")
 
         wait_until(healthy, timeout=60, what="the socket proxy to be healthy")
-        yield Proxy(client, docker_env.python_image, network.name, f"astest.proxy={network.name}")
+        yield Proxy(client, docker_env.python_image, network.name, f"astest.proxy={network.name}", container)
     finally:
         for leftover in client.containers.list(all=True, filters={"label": f"astest.proxy={network.name}"}):
             leftover.remove(force=True)
@@ -194,11 +201,8 @@ def test_a_create_that_asks_for_the_host_is_refused_and_creates_nothing(proxy: P
 
 def test_a_worker_on_another_network_cannot_reach_the_proxy(proxy: Proxy, docker_env: DockerEnv) -> None:
     client = docker_env.client
-    proxy_container = next(
-        c for c in client.containers.list() if proxy.network in (c.attrs["NetworkSettings"]["Networks"] or {})
-        and c.image.tags and c.image.tags[0] == PROXY_IMAGE
-    )
-    address = proxy_container.attrs["NetworkSettings"]["Networks"][proxy.network]["IPAddress"]
+    proxy.container.reload()
+    address = proxy.container.attrs["NetworkSettings"]["Networks"][proxy.network]["IPAddress"]
     probe = (
         "import os, socket\n"
         "for host in ('proxy', os.environ['ADDRESS']):\n"
@@ -220,7 +224,7 @@ def test_a_worker_on_another_network_cannot_reach_the_proxy(proxy: Proxy, docker
 
 def test_the_image_carries_this_config_and_runs_as_nobody(docker_env: DockerEnv) -> None:
     text = docker_env.client.containers.run(PROXY_IMAGE, ["cat", "/etc/haproxy/haproxy.cfg"], remove=True)
-    assert text.decode() == (REPO / "deploy" / "socket-proxy" / "haproxy.cfg").read_text()
+    assert text.decode() == (PROXY_DIR / "haproxy.cfg").read_text()
     assert docker_env.client.images.get(PROXY_IMAGE).attrs["Config"]["User"] == "65534"
 
 
