@@ -159,3 +159,15 @@ _pull_bounded() {
 }
 
 random_secret() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+
+# The stack's secrets: the environment's (load_up_env has read .autoscaler/up.env), else new random ones.
+# A stack from before the app had its own database role used DB_PASSWORD for the superuser too: its volume
+# was created with it, so it stays the superuser's password. Usage: ensure_secrets ROOT
+ensure_secrets() {
+    if [ -z "${DB_ADMIN_PASSWORD:-}" ] && [ -n "${DB_PASSWORD:-}" ] && grep -qs '^DB_PASSWORD=' "$1/.autoscaler/up.env"; then
+        export DB_ADMIN_PASSWORD=$DB_PASSWORD
+    fi
+    export DJANGO_SECRET_KEY=${DJANGO_SECRET_KEY:-$(random_secret 32)}
+    export DB_PASSWORD=${DB_PASSWORD:-$(random_secret 16)}
+    export DB_ADMIN_PASSWORD=${DB_ADMIN_PASSWORD:-$(random_secret 16)}
+}

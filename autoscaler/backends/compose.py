@@ -29,7 +29,7 @@ from loguru import logger
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.backends.compose_clone import START_WORKERS, Cloner
 from autoscaler.backends.compose_drain import Drainer, resume_plan
-from autoscaler.backends.compose_health import ReplicaFailureHook, ReplicaHealth
+from autoscaler.backends.compose_health import UNHEALTHY_GRACE, ReplicaFailureHook, ReplicaHealth
 from autoscaler.backends.compose_model import (
     CREATED_GRACE,
     ONEOFF_LABEL,
@@ -62,7 +62,8 @@ class ComposeBackend:
     this controller runs in. A service scaled to zero keeps one stopped replica, which is what a later
     scale-up clones. `busy_probe` says which Celery workers are running a task, so idle ones are stopped
     first. `on_replica_failure` is called once per replica newly found exited/OOM-killed/dead (for a
-    Prometheus counter); `unhealthy(pool)` gives the current numbers. `read_only` (for `autoscaler status`)
+    Prometheus counter, also "unhealthy" for a replica replaced after failing its healthcheck for
+    `unhealthy_grace` seconds); `unhealthy(pool)` gives the current numbers. `read_only` (for `autoscaler status`)
     reports what a tick would repair and changes nothing.
     """
 
@@ -74,6 +75,7 @@ class ComposeBackend:
         busy_probe: BusyProbe | None = None,
         on_replica_failure: ReplicaFailureHook | None = None,
         created_grace: float = CREATED_GRACE,
+        unhealthy_grace: float = UNHEALTHY_GRACE,
         start_workers: int = START_WORKERS,
         read_only: bool = False,
         backoff: StartBackoff | None = None,
@@ -86,6 +88,8 @@ class ComposeBackend:
         self._default_project = normalize_project(default_project) if default_project else None
         self._busy_probe = busy_probe
         self._created_grace = created_grace
+        self._unhealthy_grace = unhealthy_grace
+
         def inspect(cid: str) -> dict[str, Any]:
             return self._inspect(cid, what=f"container {cid[:12]}")
 
@@ -119,6 +123,12 @@ class ComposeBackend:
         self._health.remove_stopped_victims(target, replicas, draining)
         problems = self._health.note_problems(pool, replicas, draining)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
+        replace = self._health.to_replace(pool, running, grace=self._unhealthy_grace)
+        if replace:
+            # Drained like a scale-down victim (its running tasks finish); no longer counted, so the loop
+            # restores the count with a fresh clone at once (a repair).
+            self._drainer.start(pool.name, target, replace, grace=math.ceil(pool.stop_timeout))
+            running = [r for r in running if r.id != replace[0].id]
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
         # Only our own creates hold the pool. Draining replicas are already left out of `running`, so a tick
         # during a long warm shutdown neither stops another victim nor re-creates one, and a burst that

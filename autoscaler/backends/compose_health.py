@@ -20,7 +20,11 @@ from autoscaler.backends.docker_client import DockerNotFoundError
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["ReplicaFailureHook", "ReplicaHealth"]
+__all__ = ["UNHEALTHY_GRACE", "ReplicaFailureHook", "ReplicaHealth"]
+
+# How long a running replica may stay unhealthy (after Docker's own retries) before it is replaced. Plain
+# Docker never restarts an unhealthy container: the autoscaler owns the pool's replicas, so it does.
+UNHEALTHY_GRACE = 60.0
 
 # Called once per replica newly found failed: (pool name, reason: "exited", "oom-killed", "dead" or
 # "failed-start" for a scale-up whose replicas failed at start).
@@ -49,7 +53,39 @@ class ReplicaHealth:
         self._read_only = read_only
         self._clock = clock
         self._exits: dict[str, dict[str, str]] = {}  # pool -> container id -> why it stopped, once diagnosed
+        self._unhealthy_since: dict[str, float] = {}  # container id -> first seen unhealthy
         self._problems: dict[str, ReplicaProblems] = {}
+
+    def to_replace(self, pool: PoolPolicy, running: list[Replica], *, grace: float = UNHEALTHY_GRACE) -> list[Replica]:
+        """The one replica (at most, per tick) unhealthy for longer than `grace`, to be drained and replaced.
+
+        When half or more of the pool is unhealthy the cause is shared (the broker is down, a bad release):
+        replacing them would only churn, so it is reported and left alone.
+        """
+        now = self._clock()
+        unhealthy = [r for r in running if r.health == "unhealthy"]
+        seen = {r.id for r in unhealthy}
+        self._unhealthy_since = {cid: t for cid, t in self._unhealthy_since.items() if cid in seen}
+        for replica in unhealthy:
+            self._unhealthy_since.setdefault(replica.id, now)
+        overdue = [r for r in unhealthy if now - self._unhealthy_since[r.id] >= grace]
+        if not overdue or self._read_only:
+            return []
+        if 2 * len(unhealthy) >= len(running):
+            logger.warning(
+                "pool {}: {} of {} replicas unhealthy: a shared cause (the broker? a release?), not replacing them",
+                pool.name, len(unhealthy), len(running),
+            )
+            return []
+        victim = overdue[0]
+        logger.warning(
+            "pool {}: replica {} has been unhealthy for {:.0f}s (its liveness check fails); replacing it",
+            pool.name, victim.name, now - self._unhealthy_since[victim.id],
+        )
+        if self._on_failure is not None:
+            self._on_failure(pool.name, "unhealthy")
+        del self._unhealthy_since[victim.id]
+        return [victim]
 
     def problems(self, pool: PoolPolicy) -> ReplicaProblems:
         return self._problems.get(pool.name, ReplicaProblems())

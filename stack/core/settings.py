@@ -54,6 +54,39 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"environment variable {name}={raw!r} is not an integer") from exc
 
 
+def env_secret(name: str, default: str | None = None) -> str:
+    """A secret from NAME, or from the file NAME_FILE names (Docker/Swarm secrets: /run/secrets/...)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        if name in os.environ:
+            raise ImproperlyConfigured(f"set {name} or {name}_FILE, not both")
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from exc
+        if not value:
+            raise ImproperlyConfigured(f"{name}_FILE={path!r} is empty")
+        return value
+    return env_str(name, default)
+
+
+# Values published in this repository (dev.env, old compose defaults) and other well-known ones: anyone can
+# read them, so outside the explicit development mode they are refused (README.md, "Secrets").
+KNOWN_DEV_SECRETS = frozenset({
+    "dev-only-insecure-secret-key-change-me", "postgres", "password", "secret", "changeme", "change-me",
+})
+
+
+def refuse_known_secret(name: str, value: str, *, min_length: int) -> None:
+    if DEV_MODE:
+        return
+    if value in KNOWN_DEV_SECRETS or value.startswith("django-insecure") or len(value) < min_length:
+        raise ImproperlyConfigured(
+            f"{name} is a development value or shorter than {min_length} characters; set a random one "
+            "(scripts/up generates them), or STACK_DEV_MODE=1 for a local development stack"
+        )
+
+
 def env_list(name: str, default: str) -> list[str]:
     """A comma-separated list variable."""
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
@@ -85,11 +118,14 @@ def database_from_url(url: str) -> dict[str, Any]:
 # --- Django -------------------------------------------------------------------------------------------
 
 DEBUG = env_bool("DJANGO_DEBUG", default=False)
-# Required: compose.yaml passes a development default that a real deployment must override.
-SECRET_KEY = env_str("DJANGO_SECRET_KEY")
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,web")
 # Set by the test suite only; it is the one thing that allows eager Celery (see core/startup.py).
 TESTING = env_bool("DJANGO_TESTING", default=False)
+# The explicit development mode (stack/dev.env): the only one in which published secrets are accepted.
+DEV_MODE = env_bool("STACK_DEV_MODE", default=False) or DEBUG or TESTING
+# Required, from DJANGO_SECRET_KEY or DJANGO_SECRET_KEY_FILE; a published or short key is refused.
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY")
+refuse_known_secret("DJANGO_SECRET_KEY", SECRET_KEY, min_length=32)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,web")
 
 INSTALLED_APPS = [
     "reports.apps.ReportsConfig",
@@ -98,6 +134,31 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+# --- `manage.py check --deploy` (tests/stack/test_stack_deploy_check.py fails on any unexplained warning) ---
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_SECURE = True
+CSRF_COOKIE_SECURE = True
+# TLS ends at the load balancer in front of web (the stack publishes web on 127.0.0.1 only): where it ends
+# at Django instead, or to have Django redirect and send HSTS, set these.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0)
+if env_bool("DJANGO_BEHIND_TLS_PROXY", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# A message delivered this many times without finishing (its worker died each time) is failed for good
+# (reports/recording.py): acks_late + reject_on_worker_lost would otherwise re-run a poison task forever.
+CELERY_MAX_DELIVERIES = env_int("CELERY_MAX_DELIVERIES", 5)
+# Warnings explained rather than fixed, one comment each:
+SILENCED_SYSTEM_CHECKS = [
+    # security.W003 (no CsrfViewMiddleware): a JSON API with no cookie or session authentication; CSRF
+    # protection guards cookie-authenticated browsers, which this app never serves.
+    "security.W003",
+    # security.W004 (no HSTS) and security.W008 (no SSL redirect): TLS and its redirect belong to the load
+    # balancer in front of web (above); DJANGO_HSTS_SECONDS / DJANGO_SECURE_SSL_REDIRECT turn them on here.
+    "security.W004",
+    "security.W008",
 ]
 
 ROOT_URLCONF = "core.urls"
@@ -115,9 +176,25 @@ TEMPLATES = [
 # Connection reuse: CONN_MAX_AGE, not Django 5.2's pool (README.md, "Database connections"). The seed's
 # OPTIONS={"MAX_CONNS": 4} is not a Django setting: OPTIONS is handed to psycopg.connect() as libpq
 # parameters, and libpq rejects it ('invalid connection option "MAX_CONNS"').
+def database_from_parts() -> dict[str, Any]:
+    """Django DATABASES entry from DB_HOST, DB_PORT, DB_NAME, DB_USER and DB_PASSWORD (or DB_PASSWORD_FILE):
+    separate variables, so a password with '/', '@' or '%41' needs no URL quoting."""
+    password = env_secret("DB_PASSWORD")
+    refuse_known_secret("DB_PASSWORD", password, min_length=12)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": env_str("DB_NAME", "stack"),
+        "USER": env_str("DB_USER", "app"),
+        "PASSWORD": password,
+        "HOST": env_str("DB_HOST", "db"),
+        "PORT": env_str("DB_PORT", "5432"),
+        "OPTIONS": {},
+    }
+
+
 DATABASES = {
     "default": {
-        **database_from_url(env_str("DATABASE_URL", "postgres://postgres:postgres@db:5432/stack")),
+        **(database_from_url(os.environ["DATABASE_URL"]) if os.environ.get("DATABASE_URL") else database_from_parts()),
         # gunicorn threads keep one connection each for up to 60 s. In workers Celery's Django fixup
         # closes the connection before and after every task, so a pool process holds at most one
         # connection, and only while a task runs.

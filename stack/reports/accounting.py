@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 
 from reports.models import EnqueuedTask, Report, TaskRun
+from reports.recording import POISON_PREFIX
 
 __all__ = ["Accounting", "QueueCounts", "account", "percentiles"]
 
@@ -31,6 +32,7 @@ class QueueCounts:
     in_progress: int = 0
     not_started: int = 0
     redelivered: int = 0
+    poisoned: int = 0  # failed for good after too many deliveries (reports/recording.py)
     duplicates_skipped: int = 0
     attempts: int = 0
     wait_ms: list[float] = field(default_factory=list)
@@ -50,6 +52,7 @@ class QueueCounts:
             "not_started": self.not_started,
             "missing": self.missing,
             "redelivered": self.redelivered,
+            "poisoned": self.poisoned,
             "duplicates_skipped": self.duplicates_skipped,
             "attempts": self.attempts,
             "wait_ms": percentiles(self.wait_ms),
@@ -135,7 +138,8 @@ def _enqueued(run: str | None, queue: str | None) -> dict[str, str]:
 
 
 def _runs(task_ids: Iterable[str] | None) -> Iterator[TaskRun]:
-    fields = ("task_id", "queue", "status", "attempts", "duplicates_skipped", "published_at", "first_started_at")
+    fields = ("task_id", "queue", "status", "attempts", "duplicates_skipped", "published_at", "first_started_at",
+              "error")
     if task_ids is None:
         yield from TaskRun.objects.only(*fields).iterator(chunk_size=_CHUNK)
         return
@@ -176,6 +180,8 @@ def account(*, run: str | None = None, queue: str | None = None) -> Accounting:
         elif task_run.status == TaskRun.Status.FAILED:
             counts.failed += 1
             failed.append(task_run.task_id)
+            if task_run.error.startswith(POISON_PREFIX):
+                counts.poisoned += 1
         else:
             counts.in_progress += 1
             in_progress.append(task_run.task_id)

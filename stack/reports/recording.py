@@ -30,6 +30,17 @@ __all__ = ["RecordedTask", "StartedRun", "record_failure", "record_retry", "reco
 
 logger = logging.getLogger(__name__)
 
+# acks_late + reject_on_worker_lost redeliver a task whose worker died: a task that kills its own process
+# (a segfault, the OOM killer, an os._exit in a library) would run forever. After this many deliveries of
+# the same message (retries are new messages and do not count), it is failed for good and acknowledged.
+POISON_PREFIX = "poison: "
+
+
+def max_deliveries() -> int:
+    from django.conf import settings  # noqa: PLC0415 - read at call time (tests override it)
+
+    return int(getattr(settings, "CELERY_MAX_DELIVERIES", 5))
+
 _TABLE = TaskRun._meta.db_table
 _SUCCEEDED = TaskRun.Status.SUCCEEDED.value
 _STARTED = TaskRun.Status.STARTED.value
@@ -136,6 +147,14 @@ class RecordedTask(Task):  # type: ignore[misc]  # celery ships no type informat
         )
         if started.attempts > 1:
             logger.warning("task %s[%s] delivered again: attempt %d", self.name, task_id, started.attempts)
+        # Each retry is one more start too; what is left are deliveries of this very message.
+        deliveries = started.attempts - int(request.retries or 0)
+        if not started.already_succeeded and deliveries > max_deliveries():
+            error = (f"{POISON_PREFIX}delivered {deliveries} times without finishing (its worker process died "
+                     f"each time); failed for good, not run again")
+            logger.error("task %s[%s] %s", self.name, task_id, error)
+            record_failure(task_id=task_id, error=error, runtime_ms=0.0)
+            return None
         if started.already_succeeded:
             logger.warning("task %s[%s] already succeeded: work skipped", self.name, task_id)
             return None

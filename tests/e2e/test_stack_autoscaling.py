@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import statistics
 import subprocess
 import threading
@@ -67,10 +68,12 @@ POOLS = {"fast": ("worker-fast", "fast"), "cpu": ("worker-cpu", "cpu_intensive")
 QUEUES = tuple(queue for _, queue in POOLS.values())
 MIN_REPLICAS = 2
 FAST_MAX = 10
-# Every container the project should have when it is at rest (migrate is a one-shot that exited 0).
+# Every container the project should have when it is at rest (db-setup and migrate are one-shots that exited 0).
+ONE_SHOTS = ("db-setup", "migrate")
 AT_REST = {
     "db": 1,
     "redis": 1,
+    "db-setup": 1,
     "migrate": 1,
     "web": 1,
     "worker-fast": MIN_REPLICAS,
@@ -256,9 +259,9 @@ class Stack:
         for service, count in AT_REST.items():
             found = by_service.pop(service, [])
             states = [c["Status"] for c in found]
-            if service == "migrate":
+            if service in ONE_SHOTS:
                 if [c["State"] for c in found] != ["exited"] or not states[0].startswith("Exited (0)"):
-                    problems.append(f"migrate: {states}")
+                    problems.append(f"{service}: {states}")
             elif len(found) != count or any("(healthy)" not in s for s in states):
                 problems.append(f"{service}: {states}")
         problems.extend(f"unexpected {service}: {[c['Status'] for c in cs]}" for service, cs in by_service.items())
@@ -460,6 +463,9 @@ def stack(docker_setup: Any, figures: Any) -> Iterator[Stack]:
     for name in ("WEB_PORT", "REDIS_PORT", "DB_PORT", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME"):
         env.pop(name, None)  # fixed host ports would collide with other projects; -p and -f say the rest
     env["DOCKER_GID"] = str(docker_setup.socket_gid)
+    # The stack starts with no default secret (stack/compose.yaml): fresh random ones, as scripts/up makes.
+    env.update(DJANGO_SECRET_KEY=secrets.token_hex(32), DB_PASSWORD=secrets.token_hex(16),
+               DB_ADMIN_PASSWORD=secrets.token_hex(16))
     metrics_port = free_port()
     env["AUTOSCALER_METRICS_PORT"] = str(metrics_port)  # deploy/compose.yaml binds 127.0.0.1:<this>:9419
     s = Stack(
@@ -676,7 +682,7 @@ def test_burst_scales_pools_up_and_back_and_loses_nothing(stack: Stack, figures:
     for cid in stack.compose("ps", "-a", "-q").stdout.split():
         info = stack.client.api.inspect_container(cid)
         listed[(info["Config"]["Labels"][SERVICE_LABEL], info["State"]["Status"])] += 1
-    expected_ps = Counter({(svc, "exited" if svc == "migrate" else "running"): n for svc, n in AT_REST.items()})
+    expected_ps = Counter({(svc, "exited" if svc in ONE_SHOTS else "running"): n for svc, n in AT_REST.items()})
     assert listed == expected_ps, (
         f"compose ps lists {dict(listed)}, not {dict(expected_ps)}\n{stack.compose('ps').stdout}"
     )
@@ -728,3 +734,26 @@ def test_the_autoscaler_reaches_docker_only_through_the_proxy_and_no_worker_reac
     refusals = [line for line in stack.compose("logs", "--no-color", "docker-socket-proxy").stdout.splitlines()
                 if " 403 " in line]
     assert not refusals, f"the proxy refused calls the autoscaler made: {refusals[:5]}"
+
+
+def test_the_app_connects_as_a_role_that_cannot_run_programs_on_the_database_server(stack: Stack) -> None:
+    """Issue 11, 2: the app used the superuser `postgres` (COPY ... TO PROGRAM, the reserved slots)."""
+    def psql(user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+        return stack.compose("exec", "-T", "-e", f"PGPASSWORD={password}", "db", "psql", "-h", "127.0.0.1",
+                             "-U", user, "-d", "stack", "-tAc", sql, check=False)
+
+    app_password = stack.env["DB_PASSWORD"]
+    role = psql("app", app_password,
+                "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+    assert role.returncode == 0 and role.stdout.strip() == "f|f|f", role
+    program = psql("app", app_password, "COPY (SELECT 1) TO PROGRAM 'id'")
+    assert program.returncode != 0 and "pg_execute_server_program" in program.stderr, program
+    # The app itself, through Django's own connection in the web and a worker container.
+    query = (
+        "from django.db import connection; c = connection.cursor(); "
+        "c.execute('SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user'); "
+        "print(*c.fetchone())"
+    )
+    for service in ("web", "worker-fast"):
+        who = stack.compose("exec", "-T", service, "python", "manage.py", "shell", "-c", query, check=False)
+        assert who.returncode == 0 and who.stdout.split()[-2:] == ["app", "False"], (service, who)

@@ -16,12 +16,13 @@ from django.core import mail
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.test import Client
+from django.test import Client, override_settings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reports.accounting import account
 from reports.checks import check_task_routes
 from reports.models import EnqueuedTask, Report, TaskRun
+from reports.recording import record_start
 from reports.tasks import MAX_LATENCY_MS, _clamped_latency_ms, fetch_slow, generate_report, send_notification
 
 
@@ -229,3 +230,19 @@ def test_a_notification_waits_the_latency_its_message_asks_for(db):
     )
     assert time.monotonic() - started >= 0.3
     assert TaskRun.objects.get(task_id="lat-1").status == "succeeded"
+
+
+def test_a_poison_task_is_failed_for_good_after_too_many_deliveries(db):
+    """issue 11, 8: a task whose worker dies every time (acks_late + reject_on_worker_lost) ran forever."""
+    kwargs = {"to": "a@example.invalid", "subject": "s", "body": "b"}
+    for _ in range(3):  # three deliveries whose worker process died before the task finished
+        record_start(task_id="poison-1", task_name=send_notification.name, queue="fast", hostname="w",
+                     published_at=None)
+    with override_settings(CELERY_MAX_DELIVERIES=3):
+        send_notification.apply(kwargs=kwargs, task_id="poison-1")  # the fourth
+    run = TaskRun.objects.get(task_id="poison-1")
+    assert (run.status, run.attempts) == ("failed", 4)
+    assert run.error.startswith("poison: delivered 4 times")
+    assert len(mail.outbox) == 0  # not run again
+    EnqueuedTask.objects.create(task_id="poison-1", task_name=send_notification.name, queue="fast")
+    assert account().queues["fast"].as_dict()["poisoned"] == 1
