@@ -52,6 +52,11 @@ def test_the_same_command_and_environment(name: str) -> None:
         assert compose["environment"].get(key) == swarm["environment"].get(key), key
 
 
+@pytest.mark.parametrize("name", ["db", "redis"])
+def test_the_same_memory_for_the_database_and_the_broker(name: str) -> None:
+    assert limits(COMPOSE["services"][name], swarm=False)[0] == limits(SWARM["services"][name], swarm=True)[0]
+
+
 @pytest.mark.parametrize("name", [*WORKERS, "web"])
 def test_the_same_healthcheck_grace_and_memory(name: str) -> None:
     compose, swarm = COMPOSE["services"][name], SWARM["services"][name]
