@@ -4,9 +4,13 @@ ARG PYTHON_IMAGE=python:3.12-slim
 
 FROM ${PYTHON_IMAGE} AS build
 RUN python3 -m venv /opt/venv
+# Every package from the hashed lock (scripts/lock refreshes it), the build backend included; then the
+# package itself, with no dependency resolution left to do.
+COPY requirements/autoscaler.lock /src/requirements/autoscaler.lock
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /src/requirements/autoscaler.lock
 COPY pyproject.toml README.md /src/
 COPY autoscaler /src/autoscaler
-RUN /opt/venv/bin/pip install --no-cache-dir /src
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src
 
 FROM ${PYTHON_IMAGE}
 # No compiler, no pip cache, no sources: the venv is all the runtime needs.

@@ -1,6 +1,6 @@
 """Set up the stack's Django project (stack/) for its unit tests: SQLite in memory, eager Celery.
 
-The tests skip when Django is not installed (``pip install -r stack/requirements.txt`` enables them).
+The tests skip when Django is not installed (``pip install --require-hashes -r requirements/stack.lock`` enables them).
 STACK_TEST_DATABASE_URL runs them against a real PostgreSQL instead (a test database is created).
 """
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-pytest.importorskip("django", reason="the stack's requirements (stack/requirements.txt) are not installed")
+pytest.importorskip("django", reason="the stack's requirements (requirements/stack.lock) are not installed")
 
 from core.settings import database_from_url
 from core.startup import refuse_eager_outside_tests

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("django", reason="the stack's requirements (stack/requirements.txt) are not installed")
+pytest.importorskip("django", reason="the stack's requirements (requirements/stack.lock) are not installed")
 
 STACK_DIR = Path(__file__).resolve().parents[2] / "stack"
 

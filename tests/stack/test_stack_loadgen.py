@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("django", reason="the stack's requirements (stack/requirements.txt) are not installed")
+pytest.importorskip("django", reason="the stack's requirements (requirements/stack.lock) are not installed")
 
 from reports.loadgen import Burst, Ramp, parse_burst, parse_ramp, send_offsets
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("django", reason="the stack's requirements (stack/requirements.txt) are not installed")
+pytest.importorskip("django", reason="the stack's requirements (requirements/stack.lock) are not installed")
 
 STACK_DIR = Path(__file__).resolve().parents[2] / "stack"
 GOOD = {"DJANGO_SECRET_KEY": "k" * 50, "DB_PASSWORD": "p" * 24}
