@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from loguru import logger
 
 OPT_IN_PREFIX = "opt-in:"
 _docker_tests: dict[str, list[str]] = {"ran": [], "deselected": [], "skipped": [], "opted_out": []}
@@ -139,3 +140,12 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """The controller's log messages (INFO and up) while the test runs, one string each."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).strip()), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)

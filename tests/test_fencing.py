@@ -9,12 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from loguru import logger
 
 from autoscaler.backends.base import LeaseLostError, TargetStatus
 from autoscaler.backends.docker_client import DockerConnection
@@ -51,14 +49,6 @@ class FencedBackend(MemoryBackend):
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         self.fence.check(f"scale {pool.target.service}")
         super().scale(pool, current=current, desired=desired)
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).strip()), level="INFO", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 def controller(url: str, policy: Path, backend: MemoryBackend, lock: LeaderLock, fence: Fence,

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from loguru import logger
 
 from autoscaler.backends.memory import MemoryBackend
 from autoscaler.leader import LeaderLock
@@ -76,14 +74,6 @@ def policy_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
     return path
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).strip()), level="INFO", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 def make_controller(
