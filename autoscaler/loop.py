@@ -22,6 +22,7 @@ from autoscaler.actions import ActionResult, Actuator
 from autoscaler.backends.base import Backend, BackendError, LeaseLostError, TargetNotFoundError, TargetStatus
 from autoscaler.gate import gate
 from autoscaler.leader import Fence, Lease
+from autoscaler.observability.logs import log_decision
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
@@ -231,6 +232,14 @@ class Controller:
             self._report_backend_error(pool, exc)
             return None, str(exc)
 
+    def _replace_unhealthy(self, pool: PoolPolicy, status: TargetStatus) -> TargetStatus:
+        try:
+            replaced = self.backend.replace_unhealthy(pool)
+        except BackendError as exc:
+            self._report_backend_error(pool, exc)
+            return status
+        return replace(status, running=max(0, status.running - replaced)) if replaced else status
+
     def _report_backend_error(self, pool: PoolPolicy, exc: BackendError) -> None:
         log = logger.bind(pool=pool.name, error=str(exc))
         if isinstance(exc, LeaseLostError):
@@ -276,6 +285,8 @@ class Controller:
     ) -> PoolReport:
         assert self.states is not None
         status, backend_error = self._status(pool)
+        if status is not None and pool.enabled and not actuator.dry_run:
+            status = self._replace_unhealthy(pool, status)
         pool_queues = tuple(queues[q] for q in pool.queues if q in queues)
         observation = Observation(
             queues=pool_queues,
@@ -306,7 +317,7 @@ class Controller:
         decision = replace(decision, state=self._with_drain_marks(pool, decision.state))
         self.states[pool.name] = decision.state
         self.metrics.observe_decision(decision)
-        _log_decision(decision, pool_queues, action)
+        log_decision(decision, pool_queues, action)
         return PoolReport(decision=decision, queues=pool_queues, action=action)
 
     def readiness(self, interval: float) -> tuple[bool, dict[str, Any]]:
@@ -321,28 +332,6 @@ class Controller:
                 self.lock.release()
             except Exception as exc:
                 logger.warning("could not release the leader lock: {}", exc)
-
-
-def _log_decision(decision: Decision, queues: tuple[QueueStats, ...], action: ActionResult | None) -> None:
-    fields: dict[str, Any] = {
-        "pool": decision.pool,
-        "current": decision.current,
-        "desired": decision.desired,
-        "direction": str(decision.direction),
-        "metric": decision.metric,
-        "reason": decision.reason,
-        "queues": {q.name: {"waiting": q.waiting, "unacked": q.unacked, "latency_s": q.latency_s} for q in queues},
-    }
-    if action is not None:
-        fields["action"] = "dry_run" if action.dry_run else ("ok" if action.ok else "error")
-    logger.bind(**fields).info(
-        "pool {} current={} desired={} metric={}: {}",
-        decision.pool,
-        decision.current,
-        decision.desired,
-        decision.metric,
-        decision.reason,
-    )
 
 
 def run_forever(

@@ -160,12 +160,25 @@ _pull_bounded() {
 
 random_secret() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 
+# Set NAME=VALUE in .autoscaler/up.env (mode 600), replacing an earlier value. Usage: set_up_env ROOT NAME VALUE
+set_up_env() {
+    local file="$1/.autoscaler/up.env"
+    (umask 077; mkdir -p "$1/.autoscaler"; touch "$file"
+     grep -v "^$2=" "$file" >"$file.tmp" || true
+     printf '%s=%s\n' "$2" "$3" >>"$file.tmp"
+     mv "$file.tmp" "$file")
+}
+
 # The stack's secrets: the environment's (load_up_env has read .autoscaler/up.env), else new random ones.
 # A stack from before the app had its own database role used DB_PASSWORD for the superuser too: its volume
 # was created with it, so it stays the superuser's password. Usage: ensure_secrets ROOT
 ensure_secrets() {
     if [ -z "${DB_ADMIN_PASSWORD:-}" ] && [ -n "${DB_PASSWORD:-}" ] && grep -qs '^DB_PASSWORD=' "$1/.autoscaler/up.env"; then
+        # The superuser keeps the old password; the app's role gets a new one (db-setup sets it at every
+        # start), so the superuser's password is not in every web and worker container's environment.
         export DB_ADMIN_PASSWORD=$DB_PASSWORD
+        DB_PASSWORD=$(random_secret 16)
+        export DB_PASSWORD
     fi
     export DJANGO_SECRET_KEY=${DJANGO_SECRET_KEY:-$(random_secret 32)}
     export DB_PASSWORD=${DB_PASSWORD:-$(random_secret 16)}

@@ -76,6 +76,12 @@ class Backend(Protocol):
         replicas of the pool's target are ignored."""
         ...
 
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:
+        """Drain replicas that stay unhealthy (the platform does not restart them), so that the loop's repair
+        replaces them; how many were taken out of the count. Called only when the pool may act (not paused,
+        not in dry-run)."""
+        ...
+
     def close(self) -> None:
         """Release clients."""
         ...

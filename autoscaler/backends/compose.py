@@ -123,12 +123,7 @@ class ComposeBackend:
         self._health.remove_stopped_victims(target, replicas, draining)
         problems = self._health.note_problems(pool, replicas, draining)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
-        replace = self._health.to_replace(pool, running, grace=self._unhealthy_grace)
-        if replace:
-            # Drained like a scale-down victim (its running tasks finish); no longer counted, so the loop
-            # restores the count with a fresh clone at once (a repair).
-            self._drainer.start(pool.name, target, replace, grace=math.ceil(pool.stop_timeout))
-            running = [r for r in running if r.id != replace[0].id]
+        self._health.watch_unhealthy(pool, running)
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
         # Only our own creates hold the pool. Draining replicas are already left out of `running`, so a tick
         # during a long warm shutdown neither stops another victim nor re-creates one, and a burst that
@@ -214,7 +209,21 @@ class ComposeBackend:
         for replica, grace in plan:
             logger.info("{}: resuming the drain of {} (begun by an earlier controller; {}s of grace left)",
                         target, replica.name, grace)
-            self._drainer.start(pool.name, target, [replica], grace=grace, keep=keep)
+            self._drainer.start(pool.name, target, [replica], grace=grace, keep=keep, resumed=True)
+
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:
+        """Drain the replica that has stayed unhealthy past `unhealthy_grace` (at most one per tick), like a
+        scale-down victim: its running tasks finish, it is no longer counted, and the loop restores the count
+        with a fresh clone at once (a repair)."""
+        if self._read_only:
+            return 0
+        target = self._target(pool)
+        draining, _ = self._in_flight(pool)
+        running = [r for r in self._replicas(pool, target) if r.state == "running" and r.id not in draining]
+        victims = self._health.to_replace(pool, running, grace=self._unhealthy_grace)
+        if victims:
+            self._drainer.start(pool.name, target, victims, grace=math.ceil(pool.stop_timeout))
+        return len(victims)
 
     # -- observability ------------------------------------------------------------------------------
 

@@ -50,16 +50,22 @@ class Drainer:
             )
 
     def start(
-        self, pool: str, target: ServiceRef, victims: Sequence[Replica], *, grace: int, keep: str | None = None
+        self, pool: str, target: ServiceRef, victims: Sequence[Replica], *, grace: int, keep: str | None = None,
+        resumed: bool = False,
     ) -> None:
-        """Stop `victims` in the background with `grace` seconds each; `keep` is stopped but not removed."""
+        """Stop `victims` in the background with `grace` seconds each; `keep` is stopped but not removed.
+
+        A drain begun now is a decision: its stop is fenced (a replica that lost its lease in between does not
+        stop anything). A `resumed` drain finishes one already marked in the pool's state: not fenced."""
         deadline = self._clock() + grace
         with self._lock:
             for victim in victims:
                 if victim.id in self._draining:
                     continue
                 self._deadlines[victim.id] = deadline
-                future = self._stopper.submit(self._drain, target, victim, grace, keep=victim.id == keep)
+                future = self._stopper.submit(
+                    self._drain, target, victim, grace, keep=victim.id == keep, fenced=not resumed
+                )
                 self._draining[victim.id] = (pool, future)
 
     def close(self) -> None:
@@ -68,14 +74,16 @@ class Drainer:
         wait(stops, timeout=CLOSE_GRACE)
         self._stopper.shutdown(wait=False, cancel_futures=True)
 
-    def _drain(self, target: ServiceRef, victim: Replica, grace: int, *, keep: bool = False) -> None:
+    def _drain(
+        self, target: ServiceRef, victim: Replica, grace: int, *, keep: bool = False, fenced: bool = True
+    ) -> None:
         started = time.monotonic()
-        # Not fenced: the victim is marked in the pool's state, and whoever leads next stops and removes the
-        # same one. A leader that stops cleanly (its lock released) or loses its lease mid-drain still finishes
-        # what it began rather than leave a victim in warm shutdown, or stopped and never removed.
+        # Once stopping, the victim is marked in the pool's state and whoever leads next stops and removes the
+        # same one: the remove (and a resumed stop) is not fenced, so a leader that stops cleanly (its lock
+        # released) or loses its lease mid-drain finishes what it began instead of leaving a stopped victim.
         try:
             self._docker.call(
-                f"stop container {victim.name}", lambda c: c.api.stop(victim.id, timeout=grace), fenced=False
+                f"stop container {victim.name}", lambda c: c.api.stop(victim.id, timeout=grace), fenced=fenced
             )
             if keep:
                 logger.info("{}: stopped {} in {:.1f}s and kept it: at zero replicas it is the template a "

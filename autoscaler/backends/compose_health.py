@@ -53,25 +53,34 @@ class ReplicaHealth:
         self._read_only = read_only
         self._clock = clock
         self._exits: dict[str, dict[str, str]] = {}  # pool -> container id -> why it stopped, once diagnosed
-        self._unhealthy_since: dict[str, float] = {}  # container id -> first seen unhealthy
+        self._unhealthy_since: dict[str, dict[str, float]] = {}  # pool -> container id -> first seen unhealthy
         self._problems: dict[str, ReplicaProblems] = {}
+
+    def watch_unhealthy(self, pool: PoolPolicy, running: list[Replica]) -> list[Replica]:
+        """Note when each running replica of the pool was first seen unhealthy; the unhealthy ones."""
+        now = self._clock()
+        unhealthy = [r for r in running if r.health == "unhealthy"]
+        since = self._unhealthy_since.setdefault(pool.name, {})
+        seen = {r.id for r in unhealthy}
+        for cid in [cid for cid in since if cid not in seen]:
+            del since[cid]
+        for replica in unhealthy:
+            since.setdefault(replica.id, now)
+        return unhealthy
 
     def to_replace(self, pool: PoolPolicy, running: list[Replica], *, grace: float = UNHEALTHY_GRACE) -> list[Replica]:
         """The one replica (at most, per tick) unhealthy for longer than `grace`, to be drained and replaced.
 
-        When half or more of the pool is unhealthy the cause is shared (the broker is down, a bad release):
-        replacing them would only churn, so it is reported and left alone.
+        When two or more, and half or more of the pool, are unhealthy the cause is shared (the broker is
+        down, a bad release): replacing them would only churn, so it is reported and left alone.
         """
+        unhealthy = self.watch_unhealthy(pool, running)
+        since = self._unhealthy_since[pool.name]
         now = self._clock()
-        unhealthy = [r for r in running if r.health == "unhealthy"]
-        seen = {r.id for r in unhealthy}
-        self._unhealthy_since = {cid: t for cid, t in self._unhealthy_since.items() if cid in seen}
-        for replica in unhealthy:
-            self._unhealthy_since.setdefault(replica.id, now)
-        overdue = [r for r in unhealthy if now - self._unhealthy_since[r.id] >= grace]
+        overdue = [r for r in unhealthy if now - since[r.id] >= grace]
         if not overdue or self._read_only:
             return []
-        if 2 * len(unhealthy) >= len(running):
+        if len(unhealthy) >= 2 and 2 * len(unhealthy) >= len(running):
             logger.warning(
                 "pool {}: {} of {} replicas unhealthy: a shared cause (the broker? a release?), not replacing them",
                 pool.name, len(unhealthy), len(running),
@@ -80,11 +89,11 @@ class ReplicaHealth:
         victim = overdue[0]
         logger.warning(
             "pool {}: replica {} has been unhealthy for {:.0f}s (its liveness check fails); replacing it",
-            pool.name, victim.name, now - self._unhealthy_since[victim.id],
+            pool.name, victim.name, now - since[victim.id],
         )
         if self._on_failure is not None:
             self._on_failure(pool.name, "unhealthy")
-        del self._unhealthy_since[victim.id]
+        del since[victim.id]
         return [victim]
 
     def problems(self, pool: PoolPolicy) -> ReplicaProblems:

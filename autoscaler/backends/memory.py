@@ -38,6 +38,9 @@ class MemoryBackend:
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
         return None
 
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:  # noqa: ARG002 - protocol
+        return 0
+
     def close(self) -> None:
         return None
 

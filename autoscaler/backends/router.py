@@ -32,6 +32,9 @@ class BackendRouter:
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
         self._for(pool).resume_drains(pool, marks)
 
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:
+        return self._for(pool).replace_unhealthy(pool)
+
     def close(self) -> None:
         # Distinct backends only: both kinds may be served by one object.
         closed: list[Backend] = []

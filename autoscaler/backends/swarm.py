@@ -176,6 +176,9 @@ class SwarmBackend:
         info, wanted = self._replicated_spec(pool)
         self._drainer.resume(pool, info, self._tasks(str(info["ID"])), marks, replicas=wanted)
 
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:  # noqa: ARG002 - protocol
+        return 0  # Swarm replaces a task whose healthcheck fails by itself
+
     def close(self) -> None:
         if self._drainer is not None:
             self._drainer.close()

@@ -12,7 +12,10 @@ from loguru import logger
 if TYPE_CHECKING:
     from loguru import Message
 
-__all__ = ["configure_logging", "json_sink"]
+    from autoscaler.actions import ActionResult
+    from autoscaler.types import Decision, QueueStats
+
+__all__ = ["configure_logging", "json_sink", "log_decision"]
 
 _TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss}</green> <level>{level: <7}</level> {message}"
 
@@ -47,3 +50,26 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", stream: TextIO 
         logger.add(json_sink(out), level=level.upper())
     else:
         logger.add(out, level=level.upper(), format=_TEXT_FORMAT, colorize=out.isatty())
+
+
+def log_decision(decision: Decision, queues: tuple[QueueStats, ...], action: ActionResult | None) -> None:
+    """One line per pool per tick: the decision, its reason and the queues it saw (JSON fields too)."""
+    fields: dict[str, Any] = {
+        "pool": decision.pool,
+        "current": decision.current,
+        "desired": decision.desired,
+        "direction": str(decision.direction),
+        "metric": decision.metric,
+        "reason": decision.reason,
+        "queues": {q.name: {"waiting": q.waiting, "unacked": q.unacked, "latency_s": q.latency_s} for q in queues},
+    }
+    if action is not None:
+        fields["action"] = "dry_run" if action.dry_run else ("ok" if action.ok else "error")
+    logger.bind(**fields).info(
+        "pool {} current={} desired={} metric={}: {}",
+        decision.pool,
+        decision.current,
+        decision.desired,
+        decision.metric,
+        decision.reason,
+    )

@@ -42,7 +42,7 @@ __all__ = [
 TIMING_SLACK = 0.1
 
 # Modules that log every tick and action; muted while replaying so the timeline and summary stay readable.
-_CHATTY = ("autoscaler.loop", "autoscaler.actions")
+_CHATTY = ("autoscaler.loop", "autoscaler.actions", "autoscaler.observability.logs")
 
 Progress = Callable[[int, int], None]
 

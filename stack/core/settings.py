@@ -144,12 +144,16 @@ CSRF_COOKIE_SECURE = True
 # TLS ends at the load balancer in front of web (the stack publishes web on 127.0.0.1 only): where it ends
 # at Django instead, or to have Django redirect and send HSTS, set these.
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+# The healthcheck and the io pool's calls reach web over plain HTTP inside the stack's network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^slow$"]
 SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0)
 if env_bool("DJANGO_BEHIND_TLS_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # A message delivered this many times without finishing (its worker died each time) is failed for good
 # (reports/recording.py): acks_late + reject_on_worker_lost would otherwise re-run a poison task forever.
 CELERY_MAX_DELIVERIES = env_int("CELERY_MAX_DELIVERIES", 5)
+if CELERY_MAX_DELIVERIES < 1:
+    raise ImproperlyConfigured(f"CELERY_MAX_DELIVERIES={CELERY_MAX_DELIVERIES} must be at least 1")
 # Warnings explained rather than fixed, one comment each:
 SILENCED_SYSTEM_CHECKS = [
     # security.W003 (no CsrfViewMiddleware): a JSON API with no cookie or session authentication; CSRF
@@ -192,9 +196,18 @@ def database_from_parts() -> dict[str, Any]:
     }
 
 
+def database_from_url_checked(url: str) -> dict[str, Any]:
+    """DATABASE_URL's entry, its password held to the same rule as DB_PASSWORD (SQLite has none)."""
+    entry = database_from_url(url)
+    if entry["ENGINE"].endswith("postgresql"):
+        refuse_known_secret("DATABASE_URL's password", entry["PASSWORD"], min_length=12)
+    return entry
+
+
 DATABASES = {
     "default": {
-        **(database_from_url(os.environ["DATABASE_URL"]) if os.environ.get("DATABASE_URL") else database_from_parts()),
+        **(database_from_url_checked(os.environ["DATABASE_URL"]) if os.environ.get("DATABASE_URL")
+           else database_from_parts()),
         # gunicorn threads keep one connection each for up to 60 s. In workers Celery's Django fixup
         # closes the connection before and after every task, so a pool process holds at most one
         # connection, and only while a task runs.

@@ -36,10 +36,14 @@ logger = logging.getLogger(__name__)
 POISON_PREFIX = "poison: "
 
 
+class PoisonTaskError(Exception):
+    """Raised instead of running a task delivered too many times: Celery records FAILURE and acks it."""
+
+
 def max_deliveries() -> int:
     from django.conf import settings  # noqa: PLC0415 - read at call time (tests override it)
 
-    return int(getattr(settings, "CELERY_MAX_DELIVERIES", 5))
+    return max(1, int(getattr(settings, "CELERY_MAX_DELIVERIES", 5)))
 
 _TABLE = TaskRun._meta.db_table
 _SUCCEEDED = TaskRun.Status.SUCCEEDED.value
@@ -133,6 +137,9 @@ class RecordedTask(Task):  # type: ignore[misc]  # celery ships no type informat
 
     abstract = True
 
+    def poisoned(self, *args: Any, error: str, **kwargs: Any) -> None:
+        """Called (with the task's arguments) when it is failed for good as poison: mark what it owns failed."""
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.id is None:  # a plain function call, not a task execution
@@ -154,7 +161,8 @@ class RecordedTask(Task):  # type: ignore[misc]  # celery ships no type informat
                      f"each time); failed for good, not run again")
             logger.error("task %s[%s] %s", self.name, task_id, error)
             record_failure(task_id=task_id, error=error, runtime_ms=0.0)
-            return None
+            self.poisoned(*args, error=error, **kwargs)
+            raise PoisonTaskError(error)
         if started.already_succeeded:
             logger.warning("task %s[%s] already succeeded: work skipped", self.name, task_id)
             return None

@@ -137,8 +137,16 @@ def bootstrap_interval(
     return (low, high)
 
 
+class ReportTask(RecordedTask):  # type: ignore[misc]
+    abstract = True
+
+    def poisoned(self, report_id: str, *args: Any, error: str, **kwargs: Any) -> None:
+        Report.objects.filter(pk=report_id).update(status=Report.Status.FAILED, error=error[:2000],
+                                                   finished_at=timezone.now())
+
+
 @shared_task(
-    base=RecordedTask,
+    base=ReportTask,
     name="reports.tasks.generate_report",
     ignore_result=False,  # the one task whose result is kept (GET /reports/<id>/ shows its state)
     soft_time_limit=30,

@@ -31,7 +31,12 @@ def test_an_unhealthy_replica_is_replaced_and_a_shared_cause_is_left_alone(compo
 
         sick = wait_until(lambda: healthy(3), timeout=60, what="three healthy replicas")[0]
         sick.exec_run(["rm", "/tmp/ok"])
-        wait_until(lambda: backend.status(pool).running == 2, timeout=60, what="the unhealthy replica to be drained")
+        def replaced() -> bool:
+            backend.status(pool)  # what each tick does first: notes which replicas are unhealthy since when
+            return backend.replace_unhealthy(pool) == 1
+
+        wait_until(replaced, timeout=60, what="the unhealthy replica to be drained")
+        assert backend.status(pool).running == 2
         assert failures == [("fast", "unhealthy")]
         backend.scale(pool, current=2, desired=3)  # what the loop's repair does at the next tick
         wait_until(lambda: sick.id not in {c.id for c in project.containers("worker")}, timeout=60,
@@ -46,6 +51,7 @@ def test_an_unhealthy_replica_is_replaced_and_a_shared_cause_is_left_alone(compo
                    timeout=30, what="two unhealthy replicas")
         for _ in range(3):
             assert backend.status(pool).running == 3
+            assert backend.replace_unhealthy(pool) == 0
             time.sleep(0.8)  # past the 1 s grace: overdue, and still left alone
         assert failures == [("fast", "unhealthy")]
     finally:

@@ -232,14 +232,16 @@ def test_a_notification_waits_the_latency_its_message_asks_for(db):
     assert TaskRun.objects.get(task_id="lat-1").status == "succeeded"
 
 
-def test_a_poison_task_is_failed_for_good_after_too_many_deliveries(db):
+def test_a_poison_task_is_failed_for_good_after_too_many_deliveries(db, monkeypatch):
     """issue 11, 8: a task whose worker dies every time (acks_late + reject_on_worker_lost) ran forever."""
+    monkeypatch.setitem(send_notification.app.conf, "task_eager_propagates", False)
     kwargs = {"to": "a@example.invalid", "subject": "s", "body": "b"}
     for _ in range(3):  # three deliveries whose worker process died before the task finished
         record_start(task_id="poison-1", task_name=send_notification.name, queue="fast", hostname="w",
                      published_at=None)
     with override_settings(CELERY_MAX_DELIVERIES=3):
-        send_notification.apply(kwargs=kwargs, task_id="poison-1")  # the fourth
+        result = send_notification.apply(kwargs=kwargs, task_id="poison-1")  # the fourth
+    assert result.failed() and "poison" in str(result.result)  # FAILURE, not a success with no result
     run = TaskRun.objects.get(task_id="poison-1")
     assert (run.status, run.attempts) == ("failed", 4)
     assert run.error.startswith("poison: delivered 4 times")
