@@ -14,7 +14,7 @@ from typing import Any
 import docker
 from loguru import logger
 
-from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError
+from autoscaler.backends.base import OWNER_LABEL, BackendError, LeaseLostError, TargetNotFoundError
 from autoscaler.backends.compose_model import (
     CLONE_LABEL,
     CONTAINER_NUMBER_LABEL,
@@ -214,6 +214,11 @@ class Cloner:
             self._track_starting(pool, -len(clones))
         self._backoff.started(pool.name, [f.result() for f in futures if f.exception() is None], self._clock())
         errors = [f.exception() for f in futures if f.exception() is not None]
+        lost = next((e for e in errors if isinstance(e, LeaseLostError)), None)
+        if lost is not None:
+            # Not a failed start: this replica may no longer act. Clones it created and could not start are
+            # left for the next leader's leftover repair (removing them needs the lease too).
+            raise LeaseLostError(f"{target}: started {len(clones) - len(errors)} of {len(clones)}; {lost}")
         if errors:
             raise BackendError(
                 f"{target}: started {len(clones) - len(errors)} of {len(clones)} new replicas; "
