@@ -12,8 +12,6 @@ Docker API timeout; README, "Running several controllers").
 from __future__ import annotations
 
 import enum
-import threading
-import time
 
 import redis
 from loguru import logger
@@ -76,20 +74,12 @@ class LeaderLock:
         self._acquire = client.register_script(_ACQUIRE_OR_RENEW)
         self._confirm = client.register_script(_CONFIRM)
         self._release = client.register_script(_RELEASE)
-        self._guard = threading.Lock()
-        # Monotonic time until which the lease is ours for sure: measured from before the request was sent,
-        # so it never outlasts the expiry Redis set. CLOCK_MONOTONIC keeps counting while the process is
-        # stopped, so a paused leader wakes up past it.
-        self._valid_until = 0.0
 
     def acquire_or_renew(self, ttl: float | None = None) -> Lease:
         """Take or renew the lock for `ttl` seconds (default: the last one used). Raises redis errors."""
         if ttl is not None:
             self.ttl = ttl
-        sent = time.monotonic()
-        result = Lease(int(self._acquire(keys=[self.key], args=[self.instance_id, self._ttl_ms()])))
-        self._set_valid(sent if result else None)
-        return result
+        return Lease(int(self._acquire(keys=[self.key], args=[self.instance_id, self._ttl_ms()])))
 
     def confirm(self) -> bool:
         """Renew the lease if this replica still holds it; False if it does not, or if Redis does not answer.
@@ -97,23 +87,14 @@ class LeaderLock:
         Fails closed: in a partition, another replica that still reaches Redis may take the lock (and shorten
         a foreign lease to two of its own), so a lease this replica cannot confirm is not one it may act on.
         """
-        sent = time.monotonic()
         try:
-            held = bool(self._confirm(keys=[self.key], args=[self.instance_id, self._ttl_ms()]))
+            return bool(self._confirm(keys=[self.key], args=[self.instance_id, self._ttl_ms()]))
         except redis.RedisError as exc:
             logger.warning("cannot confirm the leader lease ({}): not acting on it", exc)
             return False
-        self._set_valid(sent if held else None)
-        return held
-
-    def valid_for(self) -> float:
-        """Seconds the lease is certainly still ours (0 when not held), from this process's own clock."""
-        with self._guard:
-            return max(0.0, self._valid_until - time.monotonic())
 
     def release(self) -> None:
         """Give the lock up (on a clean stop) so a standby takes over at its next poll."""
-        self._set_valid(None)
         self._release(keys=[self.key], args=[self.instance_id])
 
     def holder(self) -> str | None:
@@ -124,10 +105,6 @@ class LeaderLock:
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
-
-    def _set_valid(self, sent: float | None) -> None:
-        with self._guard:
-            self._valid_until = 0.0 if sent is None else sent + self.ttl
 
 
 class Fence:
@@ -140,7 +117,6 @@ class Fence:
     def __init__(self, lock: LeaderLock | None) -> None:
         self._lock = lock
         self.lost: str | None = None
-        self.checks = 0
 
     def rearm(self) -> None:
         self.lost = None
@@ -148,7 +124,6 @@ class Fence:
     def check(self, what: str) -> None:
         if self._lock is None:
             return
-        self.checks += 1
         if self.lost is None and self._lock.confirm():
             return
         if self.lost is None:

@@ -30,8 +30,10 @@ def test_each_pool_keeps_its_own_timers() -> None:
     io = [replica("d", "healthy"), replica("e", "healthy")]
     replaced = []
     for _ in range(5):
-        replaced += h.to_replace(pool("fast"), fast, grace=60)
-        replaced += h.to_replace(pool("io"), io, grace=60)  # used to wipe fast's timer
+        h.watch_unhealthy(pool("fast"), fast)
+        replaced += h.to_replace(pool("fast"), grace=60)
+        h.watch_unhealthy(pool("io"), io)  # used to wipe fast's timer
+        replaced += h.to_replace(pool("io"), grace=60)
         clock[0] += 20
     assert [r.name for r in replaced] == ["a"]
 
@@ -40,10 +42,12 @@ def test_one_of_two_is_replaced_two_of_three_are_a_shared_cause() -> None:
     clock = [0.0]
     h = health(clock)
     pair = [replica("a", "unhealthy"), replica("b", "healthy")]
-    h.to_replace(pool("fast"), pair, grace=60)
+    h.watch_unhealthy(pool("fast"), pair)
     clock[0] = 61
-    assert [r.name for r in h.to_replace(pool("fast"), pair, grace=60)] == ["a"]
+    h.watch_unhealthy(pool("fast"), pair)
+    assert [r.name for r in h.to_replace(pool("fast"), grace=60)] == ["a"]
     trio = [replica("x", "unhealthy"), replica("y", "unhealthy"), replica("z", "healthy")]
-    h.to_replace(pool("io"), trio, grace=60)
+    h.watch_unhealthy(pool("io"), trio)
     clock[0] = 200
-    assert h.to_replace(pool("io"), trio, grace=60) == []
+    h.watch_unhealthy(pool("io"), trio)
+    assert h.to_replace(pool("io"), grace=60) == []

@@ -217,12 +217,10 @@ class ComposeBackend:
         with a fresh clone at once (a repair)."""
         if self._read_only:
             return 0
-        target = self._target(pool)
-        draining, _ = self._in_flight(pool)
-        running = [r for r in self._replicas(pool, target) if r.state == "running" and r.id not in draining]
-        victims = self._health.to_replace(pool, running, grace=self._unhealthy_grace)
+        # Judged on what this tick's status() saw: no second listing of the containers.
+        victims = self._health.to_replace(pool, grace=self._unhealthy_grace)
         if victims:
-            self._drainer.start(pool.name, target, victims, grace=math.ceil(pool.stop_timeout))
+            self._drainer.start(pool.name, self._target(pool), victims, grace=math.ceil(pool.stop_timeout))
         return len(victims)
 
     # -- observability ------------------------------------------------------------------------------

@@ -54,28 +54,30 @@ class ReplicaHealth:
         self._clock = clock
         self._exits: dict[str, dict[str, str]] = {}  # pool -> container id -> why it stopped, once diagnosed
         self._unhealthy_since: dict[str, dict[str, float]] = {}  # pool -> container id -> first seen unhealthy
+        self._running: dict[str, list[Replica]] = {}  # pool -> its running replicas at the last status
         self._problems: dict[str, ReplicaProblems] = {}
 
-    def watch_unhealthy(self, pool: PoolPolicy, running: list[Replica]) -> list[Replica]:
-        """Note when each running replica of the pool was first seen unhealthy; the unhealthy ones."""
+    def watch_unhealthy(self, pool: PoolPolicy, running: list[Replica]) -> None:
+        """Note (at each status) the pool's running replicas and since when each unhealthy one has been so."""
         now = self._clock()
-        unhealthy = [r for r in running if r.health == "unhealthy"]
+        self._running[pool.name] = running
+        unhealthy = {r.id for r in running if r.health == "unhealthy"}
         since = self._unhealthy_since.setdefault(pool.name, {})
-        seen = {r.id for r in unhealthy}
-        for cid in [cid for cid in since if cid not in seen]:
+        for cid in [cid for cid in since if cid not in unhealthy]:
             del since[cid]
-        for replica in unhealthy:
-            since.setdefault(replica.id, now)
-        return unhealthy
+        for cid in unhealthy:
+            since.setdefault(cid, now)
 
-    def to_replace(self, pool: PoolPolicy, running: list[Replica], *, grace: float = UNHEALTHY_GRACE) -> list[Replica]:
-        """The one replica (at most, per tick) unhealthy for longer than `grace`, to be drained and replaced.
+    def to_replace(self, pool: PoolPolicy, *, grace: float = UNHEALTHY_GRACE) -> list[Replica]:
+        """The one replica (at most, per tick) unhealthy for longer than `grace` at the last status, to be
+        drained and replaced.
 
         When two or more, and half or more of the pool, are unhealthy the cause is shared (the broker is
         down, a bad release): replacing them would only churn, so it is reported and left alone.
         """
-        unhealthy = self.watch_unhealthy(pool, running)
-        since = self._unhealthy_since[pool.name]
+        running = self._running.get(pool.name, [])
+        since = self._unhealthy_since.get(pool.name, {})
+        unhealthy = [r for r in running if r.id in since]
         now = self._clock()
         overdue = [r for r in unhealthy if now - since[r.id] >= grace]
         if not overdue or self._read_only:
@@ -94,6 +96,7 @@ class ReplicaHealth:
         if self._on_failure is not None:
             self._on_failure(pool.name, "unhealthy")
         del since[victim.id]
+        self._running[pool.name] = [r for r in running if r.id != victim.id]
         return [victim]
 
     def problems(self, pool: PoolPolicy) -> ReplicaProblems:

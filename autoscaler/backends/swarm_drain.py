@@ -147,8 +147,7 @@ class SwarmDrainer:
     def begin(self, pool: PoolPolicy, service: dict[str, Any], tasks: list[dict[str, Any]], *, desired: int) -> bool:
         """Start draining down to `desired`; False when the workers cannot be told apart (the caller then
         lowers the count itself)."""
-        spec_hostname = str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
-            "Hostname") or "")
+        spec_hostname = _spec_hostname(service)
         already = self.draining(pool.name)
         running = [t for t in tasks if _is_running(t) and str(t.get("ID")) not in already]
         count = len(running) - desired
@@ -188,8 +187,7 @@ class SwarmDrainer:
         alive = {task_id: min(deadline, latest) for task_id, deadline in marks if task_id in running}
         if not alive:
             return
-        spec_hostname = str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get(
-            "Hostname") or "")
+        spec_hostname = _spec_hostname(service)
         nodes = self._control.workers(pool) or {}
         named = choose_victims([running[t] for t in alive], nodes, count=len(alive), spec_hostname=spec_hostname)
         victims = {task_id: (named or {}).get(task_id, "") for task_id in alive}
@@ -265,6 +263,11 @@ class SwarmDrainer:
                 drain.done.set()
                 return True
         return False
+
+
+def _spec_hostname(service: dict[str, Any]) -> str:
+    """The service's hostname template (empty: Swarm's default, the container id's first 12 characters)."""
+    return str(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Hostname") or "")
 
 
 def _is_running(task: dict[str, Any]) -> bool:

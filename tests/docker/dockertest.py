@@ -70,6 +70,15 @@ def run_cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
                           cwd=REPO, env=cli_env(redis_url), timeout=180, check=False)
 
 
+def start_controller(
+    policy: Path, redis_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`autoscaler run --policy POLICY ARGS` as a process of its own, its output (merged) on a text pipe."""
+    return subprocess.Popen([sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy), *args],
+                            cwd=REPO, env={**cli_env(redis_url), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def publish(url: str, count: int, queue: str = "fast") -> None:
     """Publish `count` real Celery task messages to `queue`, across priorities (nobody consumes them)."""
     app = Celery("producer", broker=url)

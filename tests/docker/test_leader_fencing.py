@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from dockertest import REPO, cli_env, publish, wait_until
+from dockertest import publish, start_controller, wait_until
 from recording_proxy import RecordingProxy
 
 from tests.docker.conftest import ProjectFactory
@@ -43,14 +42,11 @@ pools:
 
 class Controller:
     def __init__(self, name: str, policy: Path, redis_url: str, proxy: RecordingProxy) -> None:
-        env = {**cli_env(redis_url), "AUTOSCALER_INSTANCE_ID": name, "DOCKER_HOST": proxy.url}
         self.name = name
         self.proxy = proxy
         self.lines: list[tuple[float, str]] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        self.process = start_controller(policy, redis_url,
+                                        env={"AUTOSCALER_INSTANCE_ID": name, "DOCKER_HOST": proxy.url})
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from dockertest import REPO, cli_env, wait_until
+from dockertest import start_controller, wait_until
 
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
@@ -43,12 +41,6 @@ pools:
 """
 
 
-def _controller(policy: Path, redis_url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "autoscaler.cli", "run", "--policy", str(policy), *args],
-                            cwd=REPO, env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
 def test_a_controller_killed_mid_drain_leaves_the_next_one_to_finish_it(
     compose_project: ProjectFactory, redis_url: str, tmp_path: Path
 ) -> None:
@@ -58,7 +50,7 @@ def test_a_controller_killed_mid_drain_leaves_the_next_one_to_finish_it(
     policy.write_text(POLICY.format(project=project.name))
     state = redis.Redis.from_url(redis_url)
 
-    first = _controller(policy, redis_url)
+    first = start_controller(policy, redis_url)
     try:
         # It scales 3 -> 1; the two victims ignore SIGTERM, so their stops take the 40 s grace.
         marks = wait_until(
@@ -82,7 +74,7 @@ def test_a_controller_killed_mid_drain_leaves_the_next_one_to_finish_it(
         doc["draining"].append([other.id, time.time() + 5])
         state.set("autoscaler:state:fast", json.dumps(doc))
 
-        second = _controller(policy, redis_url, "--once")
+        second = start_controller(policy, redis_url, "--once")
         out, _ = second.communicate(timeout=120)
         assert second.returncode == 0, out
         decisions = [line for line in out.splitlines() if "pool fast current=" in line]
