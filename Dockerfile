@@ -1,8 +1,12 @@
 # The autoscaler's own image. Base image from a build arg so builds work where the official image cannot
 # be pulled: docker build --build-arg PYTHON_IMAGE=autoscaler-local/python:bookworm .
+# PYTHON_BUILD_IMAGE (default PYTHON_IMAGE) is for the build stage only: the same image plus whatever
+# package-index settings the build machine needs (here: autoscaler-local/python:bookworm-build), which
+# thus never reach the final image.
 ARG PYTHON_IMAGE=python:3.12-slim
+ARG PYTHON_BUILD_IMAGE=
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${PYTHON_BUILD_IMAGE:-${PYTHON_IMAGE}} AS build
 RUN python3 -m venv /opt/venv
 # Every package from the hashed lock (scripts/lock refreshes it), the build backend included; then the
 # package itself, with no dependency resolution left to do.

@@ -5,8 +5,20 @@
 #   autoscaler-local/redis:7           ~ redis:7.4-alpine  (Debian's redis-server 7.0)
 #   autoscaler-local/postgres:15       ~ postgres:16-alpine (Debian's PostgreSQL 15)
 #
-# The python image is a debootstrap rootfs imported with `docker import`; the
-# other two are built FROM it with the Dockerfiles in scripts/images/.
+# and, for build stages only,
+#
+#   autoscaler-local/python:bookworm-build   the python image + this machine's
+#                                            package-index configuration
+#
+# The python image is a debootstrap rootfs imported with `docker import`, with no
+# package-index configuration at all (no apt sources, no apt auth, no pip
+# index): it is what every final image is built FROM. The -build variant adds,
+# in one layer of its own, the host's apt sources / Acquire settings / auth and
+# pip index settings, so that `apt-get` and `pip` work inside `docker build`;
+# every Dockerfile uses it only in a throwaway build stage (PYTHON_BUILD_IMAGE,
+# DEBIAN_BUILD_IMAGE, BUILD_IMAGE), so none of it reaches a final image
+# (tests/docker/test_image_hygiene.py checks every layer). The redis and
+# postgres stand-ins are built with the Dockerfiles in scripts/images/.
 #
 # Idempotent and cached:
 #   * an image is skipped when its tag exists and was built by this script from
@@ -22,6 +34,7 @@
 #                     cached rootfs tarball; ignores the docker-save cache)
 #   --refresh-rootfs  also re-run debootstrap
 #   --no-verify       skip the smoke tests run after a fresh build
+#   (python builds both the clean image and its -build variant)
 #
 # Needs a running docker daemon (scripts/docker-up.sh) and root (debootstrap).
 set -euo pipefail
@@ -92,10 +105,16 @@ fi
 key_of() { sha256sum | cut -c1-12; }
 ROOTFS_KEY=$(printf '%s\n' "v1" "$SUITE" "minbase" "$INCLUDE" | key_of)
 ROOTFS_TAR="$CACHE_DIR/python-$SUITE-rootfs-$ROOTFS_KEY.tar"
-# The python image also depends on this script's customisation step and on the
-# host's CA certificates.
-PYTHON_KEY=$( (echo "$ROOTFS_KEY"; sed -n '/^customise_rootfs()/,/^}/p' "$0";
-               cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null) | key_of)
+# The clean python image depends on this script's customisation step; the -build
+# variant also on the host's index configuration and CA certificates.
+PYTHON_KEY=$( (echo "$ROOTFS_KEY"; sed -n '/^customise_rootfs()/,/^}/p' "$0") | key_of)
+build_key() {
+    (echo "$PYTHON_KEY"; image_id "$PYTHON_IMAGE"; sed -n '/^write_index_config()/,/^}/p' "$0"
+     cat /etc/ssl/certs/ca-certificates.crt /etc/apt/sources.list /etc/apt/sources.list.d/* \
+         /etc/apt/apt.conf.d/* /etc/apt/auth.conf.d/* 2>/dev/null
+     local key
+     for key in index-url extra-index-url trusted-host; do host_pip_value "$key"; echo; done) | key_of
+}
 
 TMP_DIRS=()
 cleanup() { local d; for d in "${TMP_DIRS[@]}"; do rm -rf --one-file-system "$d"; done; }
@@ -141,18 +160,33 @@ make_rootfs_tarball() {
 }
 
 host_debian_mirror() {
-    # First http(s) URI of a Debian (non-security) repository in the host's apt config.
+    # First http(s) URI of a Debian (non-security) repository in the host's apt config
+    # (AUTOSCALER_HOST_APT_DIR: another apt directory to read it from).
+    local apt=${AUTOSCALER_HOST_APT_DIR:-/etc/apt}
     {
-        cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }'
-        cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '/^deb / { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; break } }'
+        cat "$apt"/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }'
+        cat "$apt"/sources.list "$apt"/sources.list.d/*.list 2>/dev/null | awk '/^deb / { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; break } }'
     } | grep -v -- '-security' | grep -E '^https?://' | head -n 1
 }
 
-# Copy the host's apt/pip/CA configuration into the rootfs so that apt-get and
-# pip work inside `docker build` exactly as they do on the host (nothing about
-# the host's network is written into the repository).
+# The clean image: what debootstrap made, with no package-index configuration
+# (debootstrap's sources.list names whichever mirror it used), and like
+# python:*-slim, `pip install` outside a venv allowed.
 customise_rootfs() {
-    local dir=$1 f
+    local dir=$1
+    rm -f "$dir/etc/apt/sources.list" "$dir"/etc/apt/sources.list.d/* "$dir/etc/pip.conf"
+    rm -rf "$dir/etc/apt/auth.conf.d"
+    rm -f "$dir"/usr/lib/python3*/EXTERNALLY-MANAGED
+}
+
+# The -build variant's one extra layer, written under $1 (a build context's
+# rootfs/): the host's apt/pip/CA configuration, so that apt-get and pip work
+# inside `docker build` exactly as they do on the host. Nothing about the
+# host's network is written into the repository, and nothing of this reaches
+# a final image: Dockerfiles use the variant only in their build stages.
+# $2: debootstrap's own sources.list, used when the host has no bookworm source.
+write_index_config() {
+    local dir=$1 debootstrap_sources=$2 f
 
     # --- CA certificates: the host's bundle, plus the host's local CAs so that
     #     update-ca-certificates (triggered by later apt installs) keeps them.
@@ -162,18 +196,17 @@ customise_rootfs() {
     fi
     if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
         mkdir -p "$dir/etc/ssl/certs"
-        rm -f "$dir/etc/ssl/certs/ca-certificates.crt"
         cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/ca-certificates.crt"
     fi
 
     # --- apt sources: the host's Debian sources (those whose keyring exists
-    #     in the image), replacing debootstrap's single-line sources.list.
+    #     in the image), else debootstrap's own.
     local copied=0 keyring
     for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list /etc/apt/sources.list; do
         [ -s "$f" ] || continue
         grep -q "$SUITE" "$f" || continue
         keyring=$(sed -n -E 's/^Signed-By:[[:space:]]*(\/[^[:space:]]+).*/\1/p; s/.*signed-by=(\/[^] ]+).*/\1/p' "$f" | head -n 1)
-        if [ -n "$keyring" ] && [ ! -e "$dir$keyring" ]; then
+        if [ -n "$keyring" ] && ! docker run --rm --entrypoint test "$PYTHON_IMAGE" -e "$keyring"; then
             log "not copying apt source $f (keyring $keyring is not in the image)"
             continue
         fi
@@ -181,11 +214,13 @@ customise_rootfs() {
         cp "$f" "$dir$f"
         copied=1
     done
-    if [ "$copied" = 1 ] && [ ! -s /etc/apt/sources.list ]; then
-        rm -f "$dir/etc/apt/sources.list"
+    if [ "$copied" = 0 ] && [ -s "$debootstrap_sources" ]; then
+        mkdir -p "$dir/etc/apt"
+        cp "$debootstrap_sources" "$dir/etc/apt/sources.list"
     fi
     # apt.conf.d snippets that tune fetching (e.g. Check-Valid-Until for a
     # snapshot mirror, proxies): copy those that set Acquire:: options.
+    mkdir -p "$dir/etc/apt/apt.conf.d"
     for f in /etc/apt/apt.conf.d/*; do
         [ -f "$f" ] || continue
         if grep -q '^[[:space:]]*Acquire' "$f"; then
@@ -218,9 +253,6 @@ customise_rootfs() {
             fi
         done
     } >"$dir/etc/pip.conf"
-
-    # --- behave like python:*-slim: `pip install` outside a venv is allowed.
-    rm -f "$dir"/usr/lib/python3*/EXTERNALLY-MANAGED
 }
 
 host_pip_value() {
@@ -260,10 +292,39 @@ build_python() {
     write_stamp python "$tag" "$PYTHON_KEY"
     record "$tag" "$(elapsed "$t0")" "imported"
 
+}
+
+# The -build variant: the clean image plus one layer of index configuration.
+build_python_build() {
+    local tag=$PYTHON_BUILD_IMAGE key t0 ctx
+    key=$(build_key)
+    if [ "$FORCE" = 0 ] && is_current python-build "$tag" "$key"; then
+        record "$tag" "0.0" "cached (image exists)"
+        return 0
+    fi
+    t0=$(now)
+    ctx=$(mktemp -d /var/tmp/autoscaler-build-ctx.XXXXXX)
+    TMP_DIRS+=("$ctx")
+    mkdir -p "$ctx/rootfs"
+    # debootstrap's own sources.list (the clean image has none), for a host without a bookworm source.
+    tar -xOf "$ROOTFS_TAR" ./etc/apt/sources.list >"$ctx/debootstrap-sources.list" 2>/dev/null || true
+    write_index_config "$ctx/rootfs" "$ctx/debootstrap-sources.list"
+    printf '%s\n' 'ARG BASE_IMAGE' 'FROM ${BASE_IMAGE}' 'COPY rootfs/ /' \
+        'LABEL org.autoscaler.role="build stages only: carries the build machine'"'"'s package-index configuration"' \
+        >"$ctx/Dockerfile"
+    if ! docker build --rm --force-rm --build-arg BASE_IMAGE="$PYTHON_IMAGE" -t "$tag" "$ctx" \
+            >"$CACHE_DIR/build-python-build.log" 2>&1; then
+        tail -n 40 "$CACHE_DIR/build-python-build.log" >&2
+        echo "building $tag FAILED" >&2
+        return 1
+    fi
+    write_stamp python-build "$tag" "$key"
+    record "$tag" "$(elapsed "$t0")" "docker build (index configuration layer)"
+
     if [ "$VERIFY" = 1 ]; then
         t0=$(now)
         verify_python
-        record "verify $tag" "$(elapsed "$t0")" "venv + pip install from the index OK"
+        record "verify $tag" "$(elapsed "$t0")" "venv + pip install from the index OK; $PYTHON_IMAGE has no index configuration"
     fi
 }
 
@@ -280,7 +341,7 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -c 'import six, ssl; print("six", six.__version__, ssl.OPENSSL_VERSION)' \
  && python --version && pip --version
 EOF
-    if ! docker build --rm --force-rm --no-cache --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" \
+    if ! docker build --rm --force-rm --no-cache --build-arg PYTHON_IMAGE="$PYTHON_BUILD_IMAGE" \
             -t autoscaler-local/verify:python "$ctx" >"$CACHE_DIR/verify-python.log" 2>&1; then
         cat "$CACHE_DIR/verify-python.log" >&2
         echo "verification build FAILED" >&2
@@ -288,6 +349,13 @@ EOF
     fi
     grep -E '^(six |Python |pip )' "$CACHE_DIR/verify-python.log" >&2 || true
     docker image rm -f autoscaler-local/verify:python >/dev/null 2>&1 || true
+    local leftover
+    leftover=$(docker run --rm --entrypoint sh "$PYTHON_IMAGE" -c \
+        'ls -d /etc/pip.conf /etc/apt/sources.list /etc/apt/sources.list.d/* /etc/apt/auth.conf.d 2>/dev/null' || true)
+    if [ -n "$leftover" ]; then
+        echo "$PYTHON_IMAGE still has package-index configuration: $leftover" >&2
+        return 1
+    fi
 }
 
 # --------------------------------------------------------------------------
@@ -295,7 +363,7 @@ EOF
 # --------------------------------------------------------------------------
 build_from_dockerfile() {
     local name=$1 tag=$2 ctx="$HERE/images/$1" t0 key saved
-    key=$( (echo "$PYTHON_KEY"; cd "$ctx" && find . -type f | LC_ALL=C sort | xargs sha256sum) | key_of)
+    key=$( (echo "$PYTHON_KEY"; build_key; cd "$ctx" && find . -type f | LC_ALL=C sort | xargs sha256sum) | key_of)
     if [ "$FORCE" = 0 ] && is_current "$name" "$tag" "$key"; then
         record "$tag" "0.0" "cached (image exists)"
         return 0
@@ -311,10 +379,14 @@ build_from_dockerfile() {
     if ! is_current python "$PYTHON_IMAGE" "$PYTHON_KEY"; then
         build_python
     fi
+    if ! is_current python-build "$PYTHON_BUILD_IMAGE" "$(build_key)"; then
+        build_python_build
+    fi
     t0=$(now)
     local extra=()
     [ "$FORCE" = 1 ] && extra+=(--no-cache)
     if ! docker build --rm --force-rm "${extra[@]}" --build-arg BASE_IMAGE="$PYTHON_IMAGE" \
+            --build-arg BUILD_IMAGE="$PYTHON_BUILD_IMAGE" \
             -t "$tag" "$ctx" >"$CACHE_DIR/build-$name.log" 2>&1; then
         tail -n 40 "$CACHE_DIR/build-$name.log" >&2
         echo "building $tag FAILED (log: $CACHE_DIR/build-$name.log)" >&2
@@ -329,7 +401,7 @@ build_from_dockerfile() {
 }
 
 T_ALL=$(now)
-wanted python && build_python
+wanted python && build_python && build_python_build
 wanted redis && build_from_dockerfile redis "$REDIS_IMAGE"
 wanted postgres && build_from_dockerfile postgres "$POSTGRES_IMAGE"
 

@@ -123,6 +123,8 @@ choose_images() {
     if [ -n "${PYTHON_IMAGE:-}" ] && [ -n "${REDIS_IMAGE:-}" ] && [ -n "${POSTGRES_IMAGE:-}" ]; then
         # Any python:*-slim is a Debian bookworm too: the socket proxy builds on it.
         export DEBIAN_IMAGE=${DEBIAN_IMAGE:-$PYTHON_IMAGE}
+        # Build stages: the image plus the machine's package-index settings, if it needs any.
+        export PYTHON_BUILD_IMAGE=${PYTHON_BUILD_IMAGE:-} DEBIAN_BUILD_IMAGE=${DEBIAN_BUILD_IMAGE:-${PYTHON_BUILD_IMAGE:-}}
         echo "images from the environment: $PYTHON_IMAGE, $REDIS_IMAGE, $POSTGRES_IMAGE, $DEBIAN_IMAGE" >&2
         return 0
     fi

@@ -22,6 +22,11 @@ from autoscaler.backends.docker_client import DockerConnection
 IMAGES_DIR = Path(__file__).parent / "images"
 PYTHON_IMAGE = os.environ.get("PYTHON_IMAGE", "autoscaler-local/python:bookworm")
 REDIS_IMAGE = os.environ.get("REDIS_IMAGE", "autoscaler-local/redis:7")
+# Build stages only: the base image plus this machine's package-index settings (scripts/images.env); a
+# machine on the official images needs none and builds from PYTHON_IMAGE.
+PYTHON_BUILD_IMAGE = os.environ.get("PYTHON_BUILD_IMAGE") or (
+    PYTHON_IMAGE if os.environ.get("PYTHON_IMAGE") else "autoscaler-local/python:bookworm-build"
+)
 WORKER_REPOSITORY = "astest-worker"
 SETUP_HINT = "run scripts/docker-up.sh and scripts/build-base-images.sh first"
 
@@ -32,6 +37,7 @@ class DockerEnv:
     compose: list[str]
     python_image: str
     redis_image: str
+    python_build_image: str
 
 
 def _connect() -> docker.DockerClient:
@@ -58,17 +64,21 @@ def docker_env() -> Iterator[DockerEnv]:
     client = _connect()
     _require_image(client, PYTHON_IMAGE)
     _require_image(client, REDIS_IMAGE)
+    _require_image(client, PYTHON_BUILD_IMAGE)
     try:
         compose = compose_command()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
-    yield DockerEnv(client=client, compose=compose, python_image=PYTHON_IMAGE, redis_image=REDIS_IMAGE)
+    yield DockerEnv(client=client, compose=compose, python_image=PYTHON_IMAGE, redis_image=REDIS_IMAGE,
+        python_build_image=PYTHON_BUILD_IMAGE,
+    )
     client.close()
 
 
 def _worker_tag(client: docker.DockerClient) -> str:
     # The tag names the inputs, so an edit of the image files (or a rebuilt base) builds a new image.
     digest = hashlib.sha256(client.images.get(PYTHON_IMAGE).id.encode())
+    digest.update(client.images.get(PYTHON_BUILD_IMAGE).id.encode())
     for path in sorted(IMAGES_DIR.joinpath("worker").iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     return f"{WORKER_REPOSITORY}:{digest.hexdigest()[:12]}"
@@ -84,7 +94,8 @@ def worker_image(docker_env: DockerEnv) -> str:
     except docker.errors.ImageNotFound:
         try:
             client.images.build(
-                path=str(IMAGES_DIR / "worker"), tag=tag, buildargs={"PYTHON_IMAGE": PYTHON_IMAGE}, rm=True,
+                path=str(IMAGES_DIR / "worker"), tag=tag, rm=True,
+                buildargs={"PYTHON_IMAGE": PYTHON_IMAGE, "PYTHON_BUILD_IMAGE": PYTHON_BUILD_IMAGE},
                 forcerm=True, pull=False,
             )
         except docker.errors.BuildError as exc:

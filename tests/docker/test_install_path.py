@@ -22,6 +22,8 @@ import pytest
 from docker.models.containers import Container
 from dockertest import unique_name
 
+from tests.docker.conftest import DockerEnv
+
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,14 +37,15 @@ def _sh(box: Container, script: str, *, user: str = "root") -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def machine(docker_env: object) -> Iterator[Container]:
+def machine(docker_env: DockerEnv) -> Iterator[Container]:
     """A new machine: Debian bookworm, apt reachable, no Docker, a user `dev` who may sudo."""
     client = docker.from_env(timeout=120)
     volumes = {str(REPO): {"bind": "/src", "mode": "ro"}}
     volumes.update({d: {"bind": d, "mode": "ro"} for d in APT_DIRS if os.path.isdir(d)})
     # create + start (not run): a container that fails to start is still removed below.
     box = client.containers.create(
-        os.environ.get("PYTHON_IMAGE", "autoscaler-local/python:bookworm"),
+        # The build variant: a machine whose apt reaches the package index (the clean image has no sources).
+        docker_env.python_build_image,
         ["sleep", "infinity"],
         name=unique_name("install"),
         # It runs a Docker engine of its own: every capability `--privileged` would give but the one this

@@ -84,7 +84,7 @@ def proxy(docker_env: DockerEnv) -> Iterator[Proxy]:
     client = docker_env.client
     client.images.build(
         path=str(PROXY_DIR), tag=PROXY_IMAGE, rm=True,
-        buildargs={"DEBIAN_IMAGE": docker_env.python_image},
+        buildargs={"DEBIAN_IMAGE": docker_env.python_image, "DEBIAN_BUILD_IMAGE": docker_env.python_build_image},
     )
     network = client.networks.create(unique_name("proxynet"), driver="bridge", internal=True)
     container = None
