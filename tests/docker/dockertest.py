@@ -180,7 +180,8 @@ class ComposeProject:
         labels = [f"com.docker.compose.project={self.name}"]
         if service is not None:
             labels.append(f"com.docker.compose.service={service}")
-        return self.client.containers.list(all=all_states, filters={"label": labels})
+        # ignore_removed: a container removed between the listing and its inspect (a drain ending) is gone.
+        return self.client.containers.list(all=all_states, filters={"label": labels}, ignore_removed=True)
 
     def running_ids(self, service: str) -> set[str]:
         return {c.id for c in self.containers(service, all_states=False) if c.status == "running"}

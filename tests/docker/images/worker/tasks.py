@@ -40,3 +40,20 @@ def work(key: str, seconds: float) -> str:
     time.sleep(seconds)
     r.rpush(f"{key}:done", f"{host} {time.time()}")
     return host
+
+
+# The fault suite's unit of work (tests/docker/faults). Its ledger is a Redis of its own, not the broker the
+# suite restarts: a delivery is counted when it starts and a completion when it ends, by task id, so the
+# suite can say of every published task whether it completed once, was redelivered, or was lost.
+LEDGER_URL = os.environ.get("LEDGER_URL", BROKER_URL)
+
+
+@app.task(name="astest.job", bind=True)
+def job(self, run: str, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    ledger = redis.Redis.from_url(LEDGER_URL)
+    task_id = self.request.id
+    ledger.hincrby(f"{run}:started", task_id, 1)
+    ledger.rpush(f"{run}:where", f"{task_id} {socket.gethostname()} {os.getpid()} {time.time()}")
+    time.sleep(seconds)
+    ledger.hincrby(f"{run}:done", task_id, 1)
+    ledger.close()
