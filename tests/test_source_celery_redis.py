@@ -554,3 +554,30 @@ def test_big_unacked_messages_are_read_within_the_byte_budget(
     usec = max(v["usec_per_call"] for k, v in info.items() if k.startswith("cmdstat_evalsha") or k == "cmdstat_eval")
     assert stats["alpha"].unacked == 2000  # every entry read was alpha's: the estimate is exact here
     assert usec < 100_000, f"one read took {usec:.0f} us of Redis time"
+
+
+def _filled(client: redis.Redis) -> bool:
+    for n in range(1000):
+        try:
+            client.set(f"padding:{n}", b"x" * 10_000)
+        except redis.exceptions.OutOfMemoryError:
+            return True
+    return False
+
+
+@pytest.mark.redis
+def test_the_queues_are_read_when_the_broker_is_at_maxmemory(
+    make_app: AppFactory, source: Callable[..., CeleryRedisSource], redis_server: RedisServer
+) -> None:
+    """A full broker (noeviction refuses every write) is when scaling up matters most: the read still works."""
+    send(make_app(), "work", [None] * 5)
+    client = redis_server.client()
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used + 200_000)
+    try:
+        assert _filled(client), "the broker never refused a write"
+        assert source().observe(["work"])["work"].waiting == 5
+    finally:
+        client.config_set("maxmemory", 0)
+        client.close()

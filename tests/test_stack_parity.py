@@ -52,7 +52,7 @@ def test_the_same_command_and_environment(name: str) -> None:
         assert compose["environment"].get(key) == swarm["environment"].get(key), key
 
 
-@pytest.mark.parametrize("name", ["db", "redis"])
+@pytest.mark.parametrize("name", ["db", "redis", "redis-results"])
 def test_the_same_memory_for_the_database_and_the_broker(name: str) -> None:
     assert limits(COMPOSE["services"][name], swarm=False)[0] == limits(SWARM["services"][name], swarm=True)[0]
 
@@ -77,7 +77,7 @@ def test_one_web_so_that_the_connection_arithmetic_holds() -> None:
     assert "scale" not in COMPOSE["services"]["web"]
 
 
-@pytest.mark.parametrize("name", ["db", "redis"])
+@pytest.mark.parametrize("name", ["db", "redis", "redis-results"])
 def test_the_same_database_and_broker_settings(name: str) -> None:
     assert words(COMPOSE["services"][name]["command"]) == words(SWARM["services"][name]["command"])
     assert COMPOSE["services"][name]["healthcheck"] == SWARM["services"][name]["healthcheck"]
@@ -94,3 +94,15 @@ def test_no_default_secret_in_either_file() -> None:
         for name in ("DJANGO_SECRET_KEY", "DB_PASSWORD", "DB_ADMIN_PASSWORD"):
             for match in re.finditer(r"\$\{" + name + r"(:?[-?])?", text):
                 assert match.group(1) == ":?", f"${{{name}...}} must be required (:?), not defaulted"
+
+
+def test_results_are_kept_out_of_the_broker() -> None:
+    """The broker's maxmemory is for queues: results go to a Redis of their own, in both files."""
+    for document in (COMPOSE, SWARM):
+        url = document["x-app-environment"]["RESULT_BACKEND_URL"] if "x-app-environment" in document else None
+        urls = {service.get("environment", {}).get("RESULT_BACKEND_URL") for service in document["services"].values()
+                if isinstance(service.get("environment"), dict)} | {url}
+        urls.discard(None)
+        assert urls == {"redis://redis-results:6379/0"}, urls
+        assert "allkeys-lru" in words(document["services"]["redis-results"]["command"])
+        assert "noeviction" in words(document["services"]["redis"]["command"])

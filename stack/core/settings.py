@@ -261,7 +261,7 @@ CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://redis:6379/0")
 # core/results.py (no pub/sub subscription per published task).
 if "CELERY_RESULT_BACKEND" in os.environ:
     raise ImproperlyConfigured("set RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND (see core/results.py)")
-_RESULT_BACKEND_URL = env_str("RESULT_BACKEND_URL", "redis://redis:6379/1")
+_RESULT_BACKEND_URL = env_str("RESULT_BACKEND_URL", "redis://redis-results:6379/0")
 CELERY_RESULT_BACKEND = (
     f"core.results:KeyOnlyRedisBackend+{_RESULT_BACKEND_URL}"
     if _RESULT_BACKEND_URL.startswith(("redis://", "rediss://"))
@@ -327,6 +327,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "retry_on_timeout": True,
     "health_check_interval": 25,
 }
+# Publishing stops (POST /reports/ answers 503) while the broker uses this much of its maxmemory: at
+# maxmemory with noeviction kombu loses the message a worker pops (its unacked write is refused), so the
+# workers need headroom to drain the queues (autoscaler/publish_guard.py).
+BROKER_PUBLISH_LIMIT_PERCENT = env_int("BROKER_PUBLISH_LIMIT_PERCENT", 80)
+if not 1 <= BROKER_PUBLISH_LIMIT_PERCENT <= 100:
+    raise ImproperlyConfigured(f"BROKER_PUBLISH_LIMIT_PERCENT={BROKER_PUBLISH_LIMIT_PERCENT} must be 1..100")
 CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 10}
 
 # A web request must not hang on a dead broker: a couple of quick retries, then the view answers 503.

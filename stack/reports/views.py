@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any
 
 import redis
+from autoscaler.publish_guard import PublishGuard
 from celery.result import AsyncResult
 from django.conf import settings
 from django.db import connection
@@ -52,6 +53,12 @@ def create_report(request: HttpRequest) -> JsonResponse:
         work = _bounded_int(payload, "work", DEFAULT_REPORT_WORK, MAX_REPORT_WORK)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return _error(400, str(exc))
+    guard = _publish_guard()
+    if guard is not None and (full := guard.refusal()) is not None:
+        # Refused at the door, before the INSERT: nothing is half-accepted, and the client knows to retry.
+        refused = _error(503, full)
+        refused["Retry-After"] = "5"
+        return refused
     started = time.perf_counter()
     report = Report.objects.create(rows=rows, work=work)
     inserted = time.perf_counter()
@@ -102,6 +109,13 @@ def report_detail(request: HttpRequest, report_id: uuid.UUID) -> JsonResponse:
 @cache
 def _broker() -> redis.Redis:
     return redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2, socket_connect_timeout=2)
+
+
+@cache
+def _publish_guard() -> PublishGuard | None:
+    if not settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+        return None  # not a Redis broker (the unit tests' in-memory one): no maxmemory to keep below
+    return PublishGuard(_broker(), limit=settings.BROKER_PUBLISH_LIMIT_PERCENT / 100)
 
 
 @require_GET

@@ -17,11 +17,12 @@ top view:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,29 +55,41 @@ class Layer:
     small: dict[str, bytes] = field(default_factory=dict)  # path -> content (regular files <= 1 MiB)
 
 
-def _layers(client: docker.DockerClient, image: str) -> list[Layer]:
-    """Every layer of `image` as `docker save` hands it out, bottom first."""
-    raw = io.BytesIO()
-    for chunk in client.images.get(image).save(named=False):
-        raw.write(chunk)
-    raw.seek(0)
-    with tarfile.open(fileobj=raw) as outer:
-        manifest = json.load(outer.extractfile("manifest.json"))[0]  # type: ignore[arg-type]
-        config = json.load(outer.extractfile(manifest["Config"]))  # type: ignore[arg-type]
-        layers = []
-        for name, diff_id in zip(manifest["Layers"], config["rootfs"]["diff_ids"], strict=True):
-            layer = Layer(diff_id)
-            with tarfile.open(fileobj=outer.extractfile(name)) as inner:
-                for member in inner:
-                    if not member.isreg():
-                        continue
-                    path = member.name.removeprefix("./")
-                    data = inner.extractfile(member).read()  # type: ignore[union-attr]
-                    layer.files[path] = hashlib.sha256(data).digest()
-                    if member.size <= SCANNED_SIZE:
-                        layer.small[path] = data
-            layers.append(layer)
-    return layers
+def _parse(outer: tarfile.TarFile, name: str, diff_id: str) -> Layer:
+    layer = Layer(diff_id)
+    with tarfile.open(fileobj=outer.extractfile(name)) as inner:
+        for member in inner:
+            if not member.isreg():
+                continue
+            path = member.name.removeprefix("./")
+            data = inner.extractfile(member).read()  # type: ignore[union-attr]
+            layer.files[path] = hashlib.sha256(data).digest()
+            if member.size <= SCANNED_SIZE:
+                layer.small[path] = data
+    return layer
+
+
+def _saved(*images: str) -> dict[str, list[Layer]]:
+    """Every layer of each image as `docker save` hands it out, bottom first; a shared layer is read once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "images.tar"
+        subprocess.run(["docker", "save", "-o", str(archive), *images], check=True, capture_output=True,
+                       timeout=600)
+        parsed: dict[str, Layer] = {}
+        layers_of: dict[str, list[Layer]] = {}
+        with tarfile.open(archive) as outer:
+            for entry in json.load(outer.extractfile("manifest.json")):  # type: ignore[arg-type]
+                config = json.load(outer.extractfile(entry["Config"]))  # type: ignore[arg-type]
+                layers = []
+                for name, diff_id in zip(entry["Layers"], config["rootfs"]["diff_ids"], strict=True):
+                    if diff_id not in parsed:
+                        parsed[diff_id] = _parse(outer, name, diff_id)
+                    layers.append(parsed[diff_id])
+                for tag in entry.get("RepoTags") or []:
+                    layers_of[tag] = layers
+    missing = [image for image in images if image not in layers_of]
+    assert not missing, f"docker save did not name {missing} (saved: {sorted(layers_of)})"
+    return layers_of
 
 
 def _build(client: docker.DockerClient, tag: str, path: Path, buildargs: dict[str, str], dockerfile: str) -> str:
@@ -116,12 +129,12 @@ def built_images(docker_env: DockerEnv, worker_image: str) -> Iterator[dict[str,
 
 
 def test_no_index_configuration_reaches_any_built_image(docker_env: DockerEnv, built_images: dict[str, str]) -> None:
-    client = docker_env.client
     if docker_env.python_build_image == docker_env.python_image:
         pytest.skip("no build variant: this machine builds from the official images, which need no index settings")
-    base = _layers(client, docker_env.python_image)
+    saved = _saved(docker_env.python_image, docker_env.python_build_image, *built_images.values())
+    base = saved[docker_env.python_image]
     base_ids = {layer.diff_id for layer in base}
-    variant = [layer for layer in _layers(client, docker_env.python_build_image) if layer.diff_id not in base_ids]
+    variant = [layer for layer in saved[docker_env.python_build_image] if layer.diff_id not in base_ids]
     assert variant, f"{docker_env.python_build_image} adds no layer to {docker_env.python_image}"
     config = {
         path: digest
@@ -143,7 +156,7 @@ def test_no_index_configuration_reaches_any_built_image(docker_env: DockerEnv, b
 
     leaks: list[str] = []
     for what, image in built_images.items():
-        for number, layer in enumerate(_layers(client, image)):
+        for number, layer in enumerate(saved[image]):
             where = f"{what} ({image}) layer {number}"
             for path, digest in layer.files.items():
                 if config.get(path) == digest:
@@ -169,7 +182,7 @@ def test_the_scan_finds_configuration_left_in_a_lower_layer(docker_env: DockerEn
     tag = _build(docker_env.client, "astest-hygiene:leaky", tmp_path, {"BASE": docker_env.python_image}, "Dockerfile")
     try:
         found = [
-            number for number, layer in enumerate(_layers(docker_env.client, tag))
+            number for number, layer in enumerate(_saved(tag)[tag])
             if any(NEVER.match(path) for path in layer.files)
         ]
         assert found, "a pip.conf in a lower layer went unseen"

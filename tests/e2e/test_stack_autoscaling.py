@@ -73,6 +73,7 @@ ONE_SHOTS = ("db-setup", "migrate")
 AT_REST = {
     "db": 1,
     "redis": 1,
+    "redis-results": 1,
     "db-setup": 1,
     "migrate": 1,
     "web": 1,

@@ -69,6 +69,32 @@ def test_post_report_answers_503_and_keeps_no_row_when_the_broker_is_down(db, mo
     assert not Report.objects.exists()
 
 
+@pytest.mark.redis
+def test_post_report_answers_503_before_the_broker_fills(db, redis_url, monkeypatch):
+    """Above 80 % of the broker's maxmemory POST /reports/ is refused at the door (a real Redis's INFO)."""
+    import redis  # noqa: PLC0415 - only this test talks to a real Redis
+    from reports import views  # noqa: PLC0415
+
+    broker = redis.Redis.from_url(redis_url)
+    used = int(broker.info("memory")["used_memory"])
+    monkeypatch.setattr(views, "_broker", lambda: broker)
+    views._publish_guard.cache_clear()
+    try:
+        with override_settings(CELERY_BROKER_URL=redis_url):
+            broker.config_set("maxmemory", int(used * 1.1))
+            refused = Client().post("/reports/", data="{}", content_type="application/json")
+            assert refused.status_code == 503
+            assert "nearly full" in refused.json()["error"] and refused["Retry-After"] == "5"
+            assert not Report.objects.exists()
+            broker.config_set("maxmemory", used * 10)
+            time.sleep(1.1)  # the guard's answer is kept for a second
+            assert Client().post("/reports/", data="{}", content_type="application/json").status_code == 202
+    finally:
+        broker.config_set("maxmemory", 0)
+        broker.close()
+        views._publish_guard.cache_clear()
+
+
 def test_unknown_report_is_404(db):
     """GET on an id that does not exist answers 404."""
     assert Client().get(f"/reports/{uuid.uuid4()}/").status_code == 404

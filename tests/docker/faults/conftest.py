@@ -27,7 +27,8 @@ def rig(compose_project: ProjectFactory, redis_url: str, tmp_path: Path) -> Iter
     # A subnet of its own (the broker keeps its address across a restart); another run's may hold one.
     for attempt in range(5):
         third = random.randrange(0, 256)
-        env = {"FAULTS_SUBNET": f"10.213.{third}.0/24", "FAULTS_BROKER_IP": f"10.213.{third}.250"}
+        env = {"FAULTS_SUBNET": f"10.213.{third}.0/24", "FAULTS_BROKER_IP": f"10.213.{third}.250",
+               "FAULTS_LEDGER_IP": f"10.213.{third}.251"}
         try:
             project = compose_project("faults.yaml", tag="fault", env=env)
             break

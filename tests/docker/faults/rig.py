@@ -99,7 +99,6 @@ class Rig:
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     controllers: list[Controller] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
-    _ledger_url: str | None = None
 
     @property
     def broker_url(self) -> str:
@@ -107,16 +106,8 @@ class Rig:
 
     @property
     def ledger(self) -> redis.Redis:
-        if self._ledger_url is None:
-            self._ledger_url = f"redis://{self.ip('ledger')}:6379/0"
-        return redis.Redis.from_url(self._ledger_url)
-
-    def ip(self, service: str) -> str:
-        container = self.project.containers(service)[0]
-        container.reload()
-        networks = container.attrs["NetworkSettings"]["Networks"]
-        assert networks, f"{service} ({container.name}) is {container.status}: {container.attrs['State']}"
-        return str(next(iter(networks.values()))["IPAddress"])
+        # A fixed address too: the ledger comes back with the engine after a dockerd restart.
+        return redis.Redis.from_url(f"redis://{self.project.env['FAULTS_LEDGER_IP']}:6379/0", socket_timeout=10)
 
     def write_policy(self, text: str | None = None) -> None:
         self.policy.write_text(text if text is not None else POLICY.format(project=self.project.name))
@@ -128,13 +119,13 @@ class Rig:
         self.controllers.append(controller)
         return controller
 
-    def publish(self, count: int, seconds: float) -> list[str]:
-        """`count` real Celery tasks of `seconds` each, on the pool's queue."""
+    def publish(self, count: int, seconds: float, padding: str = "") -> list[str]:
+        """`count` real Celery tasks of `seconds` each (and `padding` to weigh), on the pool's queue."""
         app = Celery("faults-producer", broker=self.broker_url)
         ids = [uuid.uuid4().hex for _ in range(count)]
         with app.producer_or_acquire() as producer:
             for task_id in ids:
-                app.send_task("astest.job", args=(self.run, seconds), queue="fast", task_id=task_id,
+                app.send_task("astest.job", args=(self.run, seconds, padding), queue="fast", task_id=task_id,
                               producer=producer)
         app.close()
         self.published.extend(ids)

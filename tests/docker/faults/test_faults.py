@@ -5,24 +5,33 @@ workers with late acks, reject-on-worker-lost and prefetch 1) under an `autoscal
 burst that takes the pool 1 -> 4 and back, breaks something in the middle, and then accounts for every task
 by id in a ledger Redis that no fault touches. It also counts the controller's actions: a burst needs one
 scale-up and at most two scale-downs (4 -> 2 -> 1); a fault may add the actions that repair it, but the
-direction may change only once (no flapping). The table at the end of the run (conftest.py) is the
-README's reliability table.
+direction may change only once (no flapping). The faults: Redis restarted, the controller SIGKILLed
+mid-scale-up and mid-drain, a worker's pool child SIGKILLed mid-task, the leader SIGSTOPped past its lease,
+the policy file corrupted live, the broker filling up, and dockerd restarted mid-scale-up. The table at the
+end of the run (conftest.py) is the README's reliability table.
 """
-
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 from dockertest import wait_until
 from rig import Report, Rig, Tally, reversals
 
+from autoscaler.publish_guard import PublishGuard
+
+REPO = Path(__file__).resolve().parents[3]
+
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.faults, pytest.mark.timeout(420)]
 
-BURST, SECONDS = 24, 2.0
+BURST, SECONDS = 20, 1.0
 DECISION = r"pool fast current=\d+ desired=\d+ metric=\S+: "
 
 
@@ -108,9 +117,7 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
     controller = rig.start_controller()
     _ready(rig)
     rig.publish(BURST, SECONDS)
-    # A long task behind the burst: the fault hits it mid-task, whenever it starts. (Killing a whole worker
-    # container is not part of this case yet: in one run of two its task, restored after the visibility
-    # timeout, sat in the queue for over two minutes with one replica running; see the closing note.)
+    # A long task behind the burst: the fault hits it mid-task, whenever it starts.
     # Shorter than the visibility timeout (10 s): a longer task is delivered again while it still runs.
     (child_victim,) = rig.publish(1, 6.0)
     _scaled_up(rig)
@@ -134,7 +141,37 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
     _check(tally)
     assert len(rig.where(child_victim)) == 2
     assert tally.redelivered == 1, tally
-    assert child_wait < 5.0
+    # Requeued by the worker itself, not restored after the visibility timeout (10 s) as a lost one is.
+    assert child_wait < 10.0
+    assert reversals(actions) <= 1, actions
+
+
+def test_worker_container_killed_mid_task(rig: Rig, fault_report: Report) -> None:
+    """A killed container cannot reject its task: the task waits out the visibility timeout (10 s here)."""
+    controller = rig.start_controller()
+    _ready(rig)
+    rig.publish(BURST, SECONDS)
+    (victim,) = rig.publish(1, 6.0)
+    _scaled_up(rig)
+    wait_until(lambda: rig.where(victim) or None, timeout=90, what="the long task", interval=0.1)
+    host, _ = rig.where(victim)[0]
+    container = next(c for c in rig.project.containers("worker") if c.id.startswith(host))
+    killed = time.monotonic()
+    container.kill()
+    wait_until(lambda: len(rig.where(victim)) >= 2 or None, timeout=120, what="the killed container's task back",
+               interval=0.2)
+    waited = time.monotonic() - killed
+    tally = rig.wait_all_done(180)
+    _back_down(rig)
+    actions = controller.actions()
+    fault_report.add(
+        "a worker container SIGKILLed mid-task", tally, actions=len(actions), reversals=reversals(actions),
+        recover_s=waited,
+        operator_saw=f"the task ran again {waited:.1f} s later (the visibility timeout); the replica was replaced",
+    )
+    _check(tally)
+    assert len(rig.where(victim)) == 2
+    assert 10 <= waited < 40
     assert reversals(actions) <= 1, actions
 
 
@@ -206,4 +243,111 @@ def test_policy_corrupted_live(rig: Rig, fault_report: Report) -> None:
     assert len(refusals) == 2, after  # each bad version once, not once per tick
     assert all(f"{rig.policy}:" in line for line in located), located
     assert applied[0] - fixed < 2.5  # the next tick (interval 1 s)
+    assert reversals(actions) <= 1, actions
+
+
+def test_redis_full_publishing_stops_before_the_broker_does(rig: Rig, fault_report: Report) -> None:
+    """At maxmemory kombu loses the message a worker pops; publishing stops at 80 % so it never gets there."""
+    controller = rig.start_controller()
+    _ready(rig)
+    broker = redis.Redis.from_url(rig.broker_url)
+    maximum = int(broker.info("memory")["used_memory"]) + 6 * 2**20
+    broker.config_set("maxmemory-policy", "noeviction")
+    broker.config_set("maxmemory", maximum)
+    peak = [0]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            with contextlib.suppress(redis.RedisError):
+                peak[0] = max(peak[0], int(broker.info("memory")["used_memory"]))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    guard = PublishGuard(broker, limit=0.8, ttl=0.0)
+    padding = "x" * 50_000
+    refused, first_refusal = 0, ""
+    try:
+        # Producers keep trying: each try is published unless the guard refuses it (a 503 to the client).
+        deadline = time.monotonic() + 60
+        while refused < 30 and time.monotonic() < deadline:
+            reason = guard.refusal()
+            if reason is not None:
+                refused += 1
+                first_refusal = first_refusal or reason
+                time.sleep(0.05)
+                continue
+            rig.publish(1, 0.5, padding)
+        _scaled_up(rig)
+        tally = rig.wait_all_done(180)
+        _back_down(rig)
+    finally:
+        sampling.set()
+        sampler.join(timeout=5)
+        broker.config_set("maxmemory", 0)
+        broker.close()
+    actions = controller.actions()
+    fault_report.add(
+        f"Redis full: producers keep publishing ({refused} tries refused)", tally, actions=len(actions),
+        reversals=reversals(actions), recover_s=None,
+        operator_saw=f"503 {first_refusal[:90]}; broker peak {peak[0] / maximum:.0%} of maxmemory",
+    )
+    _check(tally)
+    assert refused >= 1, "the burst never reached the limit: the case proves nothing"
+    assert tally.published >= 40, tally
+    assert peak[0] < maximum, f"the broker reached maxmemory ({peak[0]} of {maximum})"
+    assert reversals(actions) <= 1, actions
+
+
+def _dockerd() -> int | None:
+    found = subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True, check=False).stdout.strip()
+    return int(found) if found else None
+
+
+def _engine_answers() -> bool:
+    # The CLI, not docker-py: a client of this process that fails to connect leaves a socket behind, which
+    # pytest reports as an unraisable exception in a later test.
+    return subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=30).returncode == 0
+
+
+def test_dockerd_restarts_mid_scale_up(rig: Rig, fault_report: Report) -> None:
+    """The engine goes away for ~20 s as the pool scales up: the pool holds, says why, and resumes."""
+    controller = rig.start_controller()
+    _ready(rig)
+    rig.publish(BURST, SECONDS)
+    wait_until(lambda: len(rig.project.containers("worker")) > 1 or None, timeout=60,
+               what="the scale-up to begin", interval=0.1)
+    pid = _dockerd()
+    assert pid is not None, "no dockerd process on this machine"
+    stopped = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not Path(f"/proc/{pid}").exists() or None, timeout=90, what="dockerd to exit")
+        # The engine's containers stop with it, the broker among them: the first thing the controller cannot
+        # reach may be either, and it holds for both.
+        saw = wait_until(
+            lambda: controller.first("cannot reach the Docker daemon|cannot reach Redis", after=stopped),
+            timeout=60, what="the controller to say what it cannot reach",
+        )
+        time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+    finally:
+        # Back the way CI started it: the project's own script (in the background, not as a child of this
+        # test), whatever happened above: every later test needs the engine.
+        subprocess.run(["bash", str(REPO / "scripts" / "docker-up.sh")], check=True, capture_output=True,
+                       timeout=240)
+        wait_until(lambda: _engine_answers() or None, timeout=120, what="dockerd to answer again", interval=1)
+    back = time.monotonic()
+    recovered = wait_until(lambda: controller.first(r"pool fast current=\d+ desired=\d+", after=back),
+                           timeout=120, what="the controller's first decision with the engine back")
+    tally = rig.wait_all_done(300)
+    _back_down(rig, timeout=240)
+    states = [c.status for c in rig.project.containers("worker")]
+    actions = controller.actions()
+    fault_report.add(
+        "dockerd stopped ~20 s mid-scale-up, then started", tally, actions=len(actions),
+        reversals=reversals(actions), recover_s=recovered[0] - back, operator_saw=saw[1],
+    )
+    _check(tally)
+    assert states.count("running") == 1 and len(states) <= 2, states  # at most one never-started clone left
     assert reversals(actions) <= 1, actions

@@ -49,7 +49,7 @@ LEDGER_URL = os.environ.get("LEDGER_URL", BROKER_URL)
 
 
 @app.task(name="astest.job", bind=True)
-def job(self, run: str, seconds: float) -> None:  # type: ignore[no-untyped-def]
+def job(self, run: str, seconds: float, padding: str = "") -> None:  # type: ignore[no-untyped-def]
     ledger = redis.Redis.from_url(LEDGER_URL)
     task_id = self.request.id
     ledger.hincrby(f"{run}:started", task_id, 1)
