@@ -76,6 +76,7 @@ class PublishGuard:
         self._answer: str | None = None
         self._until = -math.inf
         self._warned_unlimited = False
+        self._warned_unreadable = False
 
     def refusal(self) -> str | None:
         """Why publishing is refused now, or None."""
@@ -85,10 +86,14 @@ class PublishGuard:
         try:
             info = self.client.info("memory")
         except Exception as exc:  # any failure to ask: the publish itself will say it better
-            logger.debug("publish guard: cannot read the broker's memory ({})", exc)
+            if not self._warned_unreadable:
+                self._warned_unreadable = True
+                logger.warning(
+                    "cannot read the broker's memory (INFO memory: {}): publishing is not guarded until it can", exc
+                )
             info = None
         self._answer, limited = memory_refusal(info, self.limit)
-        if info is not None and not limited and not self._warned_unlimited:
+        if isinstance(info, dict) and "maxmemory" in info and not limited and not self._warned_unlimited:
             self._warned_unlimited = True
             logger.warning(
                 "the broker has no maxmemory: publishing is never refused, and a full host loses tasks "

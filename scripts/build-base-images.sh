@@ -108,13 +108,18 @@ ROOTFS_TAR="$CACHE_DIR/python-$SUITE-rootfs-$ROOTFS_KEY.tar"
 # The clean python image depends on this script's customisation step; the -build
 # variant also on the host's index configuration and CA certificates.
 PYTHON_KEY=$( (echo "$ROOTFS_KEY"; sed -n '/^customise_rootfs()/,/^}/p' "$0") | key_of)
-build_key() {
-    (echo "$PYTHON_KEY"; image_id "$PYTHON_IMAGE"; sed -n '/^write_index_config()/,/^}/p' "$0"
+# The index configuration the -build variant carries: when it changes, the variant and the images built
+# with it are rebuilt.
+index_key() {
+    (echo "$PYTHON_KEY"; sed -n '/^write_index_config()/,/^}/p' "$0"
      cat /etc/ssl/certs/ca-certificates.crt /etc/apt/sources.list /etc/apt/sources.list.d/* \
          /etc/apt/apt.conf.d/* /etc/apt/auth.conf.d/* 2>/dev/null
      local key
      for key in index-url extra-index-url trusted-host; do host_pip_value "$key"; echo; done) | key_of
 }
+# The variant is also rebuilt when the clean image under it is (a re-import after a prune). The redis and
+# postgres stand-ins are keyed on index_key alone: their docker-save cache holds their own base layers.
+build_key() { (index_key; image_id "$PYTHON_IMAGE") | key_of; }
 
 TMP_DIRS=()
 cleanup() { local d; for d in "${TMP_DIRS[@]}"; do rm -rf --one-file-system "$d"; done; }
@@ -214,7 +219,12 @@ write_index_config() {
         cp "$f" "$dir$f"
         copied=1
     done
-    if [ "$copied" = 0 ] && [ -s "$debootstrap_sources" ]; then
+    if [ "$copied" = 0 ]; then
+        if [ ! -s "$debootstrap_sources" ]; then
+            echo "no apt source for $SUITE: neither this host's (/etc/apt) nor debootstrap's (rootfs" \
+                 "tarball $ROOTFS_TAR missing?); run with --refresh-rootfs" >&2
+            return 1
+        fi
         mkdir -p "$dir/etc/apt"
         cp "$debootstrap_sources" "$dir/etc/apt/sources.list"
     fi
@@ -318,7 +328,6 @@ build_python_build() {
         echo "building $tag FAILED" >&2
         return 1
     fi
-    write_stamp python-build "$tag" "$key"
     record "$tag" "$(elapsed "$t0")" "docker build (index configuration layer)"
 
     if [ "$VERIFY" = 1 ]; then
@@ -326,6 +335,8 @@ build_python_build() {
         verify_python
         record "verify $tag" "$(elapsed "$t0")" "venv + pip install from the index OK; $PYTHON_IMAGE has no index configuration"
     fi
+    # Only now: a variant that failed its check is built again next time, not taken as current.
+    write_stamp python-build "$tag" "$key"
 }
 
 verify_python() {
@@ -363,7 +374,7 @@ EOF
 # --------------------------------------------------------------------------
 build_from_dockerfile() {
     local name=$1 tag=$2 ctx="$HERE/images/$1" t0 key saved
-    key=$( (echo "$PYTHON_KEY"; build_key; cd "$ctx" && find . -type f | LC_ALL=C sort | xargs sha256sum) | key_of)
+    key=$( (echo "$PYTHON_KEY"; index_key; cd "$ctx" && find . -type f | LC_ALL=C sort | xargs sha256sum) | key_of)
     if [ "$FORCE" = 0 ] && is_current "$name" "$tag" "$key"; then
         record "$tag" "0.0" "cached (image exists)"
         return 0
@@ -401,9 +412,14 @@ build_from_dockerfile() {
 }
 
 T_ALL=$(now)
-wanted python && build_python && build_python_build
-wanted redis && build_from_dockerfile redis "$REDIS_IMAGE"
-wanted postgres && build_from_dockerfile postgres "$POSTGRES_IMAGE"
+# `if`, not `wanted x && build_x`: bash ignores errexit inside a function called on the left of `&&`, so a
+# failed debootstrap, import or build would go on and stamp a broken image as current.
+if wanted python; then
+    build_python
+    build_python_build
+fi
+if wanted redis; then build_from_dockerfile redis "$REDIS_IMAGE"; fi
+if wanted postgres; then build_from_dockerfile postgres "$POSTGRES_IMAGE"; fi
 
 echo "---- build-base-images timings ----"
 printf '%s\n' "${TIMINGS[@]}"

@@ -123,8 +123,17 @@ choose_images() {
     if [ -n "${PYTHON_IMAGE:-}" ] && [ -n "${REDIS_IMAGE:-}" ] && [ -n "${POSTGRES_IMAGE:-}" ]; then
         # Any python:*-slim is a Debian bookworm too: the socket proxy builds on it.
         export DEBIAN_IMAGE=${DEBIAN_IMAGE:-$PYTHON_IMAGE}
-        # Build stages: the image plus the machine's package-index settings, if it needs any.
-        export PYTHON_BUILD_IMAGE=${PYTHON_BUILD_IMAGE:-} DEBIAN_BUILD_IMAGE=${DEBIAN_BUILD_IMAGE:-${PYTHON_BUILD_IMAGE:-}}
+        # Build stages: the image plus the machine's package-index settings, if it needs any (a stand-in's
+        # is its -build variant; without one, the build stages use the image itself).
+        if [ -z "${PYTHON_BUILD_IMAGE:-}" ] && docker image inspect "$PYTHON_IMAGE-build" >/dev/null 2>&1; then
+            PYTHON_BUILD_IMAGE=$PYTHON_IMAGE-build
+        fi
+        export PYTHON_BUILD_IMAGE=${PYTHON_BUILD_IMAGE:-}
+        # The proxy's package download is resolved against its build image: only the same Debian will do.
+        if [ -z "${DEBIAN_BUILD_IMAGE:-}" ] && [ "$DEBIAN_IMAGE" = "$PYTHON_IMAGE" ]; then
+            DEBIAN_BUILD_IMAGE=$PYTHON_BUILD_IMAGE
+        fi
+        export DEBIAN_BUILD_IMAGE=${DEBIAN_BUILD_IMAGE:-}
         echo "images from the environment: $PYTHON_IMAGE, $REDIS_IMAGE, $POSTGRES_IMAGE, $DEBIAN_IMAGE" >&2
         return 0
     fi

@@ -69,9 +69,14 @@ def test_a_broker_without_maxmemory_is_never_refused_and_the_log_says_so_once(
     assert len([line for line in logs if "the broker has no maxmemory" in line]) == 1
 
 
-def test_an_unreachable_broker_is_not_refused_here() -> None:
+def test_an_unreachable_broker_is_not_refused_here_and_the_log_says_so_once(logs: list[str]) -> None:
     client = redis.Redis(host="127.0.0.1", port=9, socket_connect_timeout=0.5)
-    assert PublishGuard(client).refusal() is None
+    clock = Clock()
+    guard = PublishGuard(client, clock=clock)
+    for _ in range(3):
+        assert guard.refusal() is None
+        clock.now += 2
+    assert len([line for line in logs if "publishing is not guarded until it can" in line]) == 1
 
 
 @pytest.mark.parametrize("limit", [0, -0.1, 1.5, math.nan])

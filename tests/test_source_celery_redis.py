@@ -573,6 +573,7 @@ def test_the_queues_are_read_when_the_broker_is_at_maxmemory(
     send(make_app(), "work", [None] * 5)
     client = redis_server.client()
     used = int(client.info("memory")["used_memory"])
+    policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", used + 200_000)
     try:
@@ -580,4 +581,5 @@ def test_the_queues_are_read_when_the_broker_is_at_maxmemory(
         assert source().observe(["work"])["work"].waiting == 5
     finally:
         client.config_set("maxmemory", 0)
+        client.config_set("maxmemory-policy", policy)
         client.close()

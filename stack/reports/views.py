@@ -6,11 +6,8 @@ import json
 import logging
 import time
 import uuid
-from functools import cache
 from typing import Any
 
-import redis
-from autoscaler.publish_guard import PublishGuard
 from celery.result import AsyncResult
 from django.conf import settings
 from django.db import connection
@@ -20,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from reports.accounting import account
 from reports.models import Report, TaskRun
+from reports.publishing import broker, publish_guard
 from reports.tasks import DEFAULT_REPORT_ROWS, DEFAULT_REPORT_WORK, generate_report
 
 __all__ = ["create_report", "healthz", "report_detail", "slow", "tasks_summary"]
@@ -53,7 +51,7 @@ def create_report(request: HttpRequest) -> JsonResponse:
         work = _bounded_int(payload, "work", DEFAULT_REPORT_WORK, MAX_REPORT_WORK)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return _error(400, str(exc))
-    guard = _publish_guard()
+    guard = publish_guard()
     if guard is not None and (full := guard.refusal()) is not None:
         # Refused at the door, before the INSERT: nothing is half-accepted, and the client knows to retry.
         refused = _error(503, full)
@@ -106,18 +104,6 @@ def report_detail(request: HttpRequest, report_id: uuid.UUID) -> JsonResponse:
     return JsonResponse(body)
 
 
-@cache
-def _broker() -> redis.Redis:
-    return redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2, socket_connect_timeout=2)
-
-
-@cache
-def _publish_guard() -> PublishGuard | None:
-    if not settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
-        return None  # not a Redis broker (the unit tests' in-memory one): no maxmemory to keep below
-    return PublishGuard(_broker(), limit=settings.BROKER_PUBLISH_LIMIT_PERCENT / 100)
-
-
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     """200 when PostgreSQL and the Redis broker answer, else 503 with what failed."""
@@ -130,7 +116,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:  # report any failure, do not raise from a health check
         checks["db"] = f"error: {type(exc).__name__}"
     try:
-        _broker().ping()
+        broker().ping()
         checks["broker"] = "ok"
     except Exception as exc:  # report any failure, do not raise from a health check
         checks["broker"] = f"error: {type(exc).__name__}"
@@ -166,7 +152,7 @@ def tasks_summary(request: HttpRequest) -> JsonResponse:
         for key in ("missing_ids", "failed_ids", "redelivered_ids", "unexpected_ids"):
             del body[key]
     try:
-        client = _broker()
+        client = broker()
         body["broker"] = {
             "queue_length": {name: client.llen(name) for name in settings.QUEUES},
             "unacked": client.hlen("unacked"),

@@ -11,7 +11,8 @@ top view:
 * no file of the build variant's configuration layer is in any layer, under its path, with its content;
 * no pip configuration, apt auth or netrc file is in any layer at all, and the clean base has no apt
   sources either;
-* no file the project's Dockerfiles added names a host the index configuration names.
+* no file the project's Dockerfiles added, no path in those layers and no image setting (Env, Labels)
+  names a host the index configuration names.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import docker
 import pytest
@@ -44,7 +46,7 @@ NEVER = re.compile(
 )
 # Where the build variant's index configuration lives (its CA bundle is public certificates, not config).
 INDEX_CONFIG = re.compile(r"^(etc/apt/|etc/pip\.conf$)")
-HOST = re.compile(rb"[a-z][a-z0-9+.-]*://(?:[^@/\s]*@)?([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+URL = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 SCANNED_SIZE = 1 << 20
 
 
@@ -52,6 +54,7 @@ SCANNED_SIZE = 1 << 20
 class Layer:
     diff_id: str
     files: dict[str, bytes] = field(default_factory=dict)  # path -> sha256 (regular files)
+    names: list[str] = field(default_factory=list)  # every member's path: links, directories, whiteouts too
     small: dict[str, bytes] = field(default_factory=dict)  # path -> content (regular files <= 1 MiB)
 
 
@@ -59,6 +62,7 @@ def _parse(outer: tarfile.TarFile, name: str, diff_id: str) -> Layer:
     layer = Layer(diff_id)
     with tarfile.open(fileobj=outer.extractfile(name)) as inner:
         for member in inner:
+            layer.names.append(member.name.removeprefix("./"))
             if not member.isreg():
                 continue
             path = member.name.removeprefix("./")
@@ -145,13 +149,11 @@ def test_no_index_configuration_reaches_any_built_image(docker_env: DockerEnv, b
     assert config, "the build variant carries no index configuration: the check would prove nothing"
     # Hosts the index configuration names, but not those any file of the clean base already names (a doc
     # file of Debian's apt names Debian's own mirror; that is not this machine's configuration).
-    hosts = {
-        host
-        for layer in variant
-        for path, data in layer.small.items()
-        if INDEX_CONFIG.match(path)
-        for host in HOST.findall(data)
-    }
+    urls = [url for layer in variant for path, data in layer.small.items() if INDEX_CONFIG.match(path)
+            for url in URL.findall(data)]
+    hosts = {host.encode() for url in urls if (host := urlsplit(url.decode(errors="replace")).hostname)}
+    if any(url.startswith((b"http://", b"https://")) for url in urls):
+        assert hosts, f"no host found in the index configuration's URLs {urls}: the host check would prove nothing"
     hosts -= {host for layer in base for data in layer.small.values() for host in hosts if host in data}
 
     leaks: list[str] = []
@@ -167,10 +169,20 @@ def test_no_index_configuration_reaches_any_built_image(docker_env: DockerEnv, b
                     leaks.append(f"{where}: /{path} (the clean base has no apt sources)")
             if layer.diff_id in base_ids:
                 continue
+            # An `apt-get update` in a final stage leaves var/lib/apt/lists/<host>_...: names count too.
+            for path in layer.names:
+                named = sorted(host.decode() for host in hosts if host in path.encode())
+                if named:
+                    leaks.append(f"{where}: the path /{path} names the index host(s) {', '.join(named)}")
             for path, data in layer.small.items():
                 named = sorted(host.decode() for host in hosts if host in data)
                 if named:
                     leaks.append(f"{where}: /{path} names the index host(s) {', '.join(named)}")
+        # The image's own settings (a build arg turned ENV, a label) are part of what it hands out too.
+        config_text = json.dumps(docker_env.client.images.get(image).attrs["Config"]).encode()
+        named = sorted(host.decode() for host in hosts if host in config_text)
+        if named:
+            leaks.append(f"{what} ({image}) config (Env, Labels...) names the index host(s) {', '.join(named)}")
     assert not leaks, "package-index configuration in built images:\n" + "\n".join(leaks)
 
 

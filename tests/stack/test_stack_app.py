@@ -73,12 +73,12 @@ def test_post_report_answers_503_and_keeps_no_row_when_the_broker_is_down(db, mo
 def test_post_report_answers_503_before_the_broker_fills(db, redis_url, monkeypatch):
     """Above 80 % of the broker's maxmemory POST /reports/ is refused at the door (a real Redis's INFO)."""
     import redis  # noqa: PLC0415 - only this test talks to a real Redis
-    from reports import views  # noqa: PLC0415
+    from reports import publishing  # noqa: PLC0415
 
     broker = redis.Redis.from_url(redis_url)
     used = int(broker.info("memory")["used_memory"])
-    monkeypatch.setattr(views, "_broker", lambda: broker)
-    views._publish_guard.cache_clear()
+    monkeypatch.setattr(publishing, "broker", lambda: broker)
+    publishing.publish_guard.cache_clear()
     try:
         with override_settings(CELERY_BROKER_URL=redis_url):
             broker.config_set("maxmemory", int(used * 1.1))
@@ -92,7 +92,7 @@ def test_post_report_answers_503_before_the_broker_fills(db, redis_url, monkeypa
     finally:
         broker.config_set("maxmemory", 0)
         broker.close()
-        views._publish_guard.cache_clear()
+        publishing.publish_guard.cache_clear()
 
 
 def test_unknown_report_is_404(db):

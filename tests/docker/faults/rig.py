@@ -71,6 +71,7 @@ class Controller:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a test that failed with it stopped still ends it soon
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
@@ -152,6 +153,13 @@ class Rig:
         wait_until(lambda: self.tally().completed == len(self.published) or None, timeout=timeout,
                    what=f"all {len(self.published)} tasks to complete", interval=1)
         return self.tally()
+
+    def started_at(self, task_id: str) -> list[float]:
+        """When each delivery of `task_id` started (the worker's clock: the host's), in order."""
+        ledger = self.ledger
+        rows = [row.decode().split() for row in ledger.lrange(f"{self.run}:where", 0, -1)]
+        ledger.close()
+        return [float(row[3]) for row in rows if row[0] == task_id]
 
     def where(self, task_id: str) -> list[tuple[str, int]]:
         """(container hostname, pid) of each delivery of `task_id`, in order."""

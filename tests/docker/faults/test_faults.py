@@ -6,8 +6,9 @@ burst that takes the pool 1 -> 4 and back, breaks something in the middle, and t
 by id in a ledger Redis that no fault touches. It also counts the controller's actions: a burst needs one
 scale-up and at most two scale-downs (4 -> 2 -> 1); a fault may add the actions that repair it, but the
 direction may change only once (no flapping). The faults: Redis restarted, the controller SIGKILLed
-mid-scale-up and mid-drain, a worker's pool child SIGKILLed mid-task, the leader SIGSTOPped past its lease,
-the policy file corrupted live, the broker filling up, and dockerd restarted mid-scale-up. The table at the
+mid-scale-up and mid-drain, a worker's pool child SIGKILLed mid-task, a worker container SIGKILLed
+mid-task, the leader SIGSTOPped past its lease, the policy file corrupted live, the broker filling up, and
+dockerd restarted mid-scale-up (only where .ci/run opts in: it stops every container on the machine). The table at the
 end of the run (conftest.py) is the README's reliability table.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from docker.models.containers import Container
 from dockertest import wait_until
 from rig import Report, Rig, Tally, reversals
 
@@ -66,8 +68,9 @@ def test_redis_restarts_mid_burst(rig: Rig, fault_report: Report) -> None:
     time.sleep(5)
     broker.start()
     started = time.monotonic()
-    saw = controller.first("metric unavailable", after=stopped)
     tally = rig.wait_all_done(180)
+    # Looked for only now: the first failed read may end (its connects time out) after Redis is back.
+    saw = controller.first("metric unavailable", after=stopped)
     _back_down(rig)
     recovered = controller.first(DECISION + r"(?!metric unavailable)", after=started)
     actions = controller.actions()
@@ -109,22 +112,30 @@ def test_controller_killed_mid_scale_up_and_mid_drain(rig: Rig, fault_report: Re
         operator_saw=(third.first("resuming the drain", after=drain_killed) or (0, "(drain already done)"))[1],
     )
     _check(tally)
-    assert max(len(rig.project.containers("worker")), 1) <= 4
+    assert len(rig.project.containers("worker")) <= 4
     assert reversals(actions) <= 1, actions
 
 
-def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> None:
-    controller = rig.start_controller()
+def _burst_and_a_long_task(rig: Rig) -> tuple[str, Container, int]:
+    """The burst, and behind it one longer task: its id, and the container and pid running it once it runs.
+
+    The long task is still shorter than the visibility timeout (10 s): a longer one is delivered again while
+    it still runs.
+    """
+    rig.start_controller()
     _ready(rig)
     rig.publish(BURST, SECONDS)
-    # A long task behind the burst: the fault hits it mid-task, whenever it starts.
-    # Shorter than the visibility timeout (10 s): a longer task is delivered again while it still runs.
-    (child_victim,) = rig.publish(1, 6.0)
+    (task_id,) = rig.publish(1, 6.0)
     _scaled_up(rig)
-    # The prefork child running it dies with SIGKILL: reject_on_worker_lost requeues it at once.
-    wait_until(lambda: rig.where(child_victim) or None, timeout=90, what="the first long task", interval=0.1)
-    host, pid = rig.where(child_victim)[0]
-    container = next(c for c in rig.project.containers("worker") if c.id.startswith(host))
+    wait_until(lambda: rig.where(task_id) or None, timeout=90, what="the long task to start", interval=0.1)
+    host, pid = rig.where(task_id)[0]
+    return task_id, next(c for c in rig.project.containers("worker") if c.id.startswith(host)), pid
+
+
+def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> None:
+    # The prefork child running the long task dies with SIGKILL: reject_on_worker_lost requeues it at once.
+    child_victim, container, pid = _burst_and_a_long_task(rig)
+    controller = rig.controllers[0]
     killed = time.monotonic()
     code, out = container.exec_run(["python", "-c", f"import os; os.kill({pid}, 9)"])
     assert code == 0, out
@@ -136,7 +147,7 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
     fault_report.add(
         "worker's pool child SIGKILLed mid-task", tally, actions=len(actions),
         reversals=reversals(actions), recover_s=child_wait,
-        operator_saw=f"the task redelivered {child_wait:.1f} s after its child was killed; attempts 2",
+        operator_saw=f"the task ran again {child_wait:.1f} s after its child was killed (ledger: 2 deliveries)",
     )
     _check(tally)
     assert len(rig.where(child_victim)) == 2
@@ -148,14 +159,8 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
 
 def test_worker_container_killed_mid_task(rig: Rig, fault_report: Report) -> None:
     """A killed container cannot reject its task: the task waits out the visibility timeout (10 s here)."""
-    controller = rig.start_controller()
-    _ready(rig)
-    rig.publish(BURST, SECONDS)
-    (victim,) = rig.publish(1, 6.0)
-    _scaled_up(rig)
-    wait_until(lambda: rig.where(victim) or None, timeout=90, what="the long task", interval=0.1)
-    host, _ = rig.where(victim)[0]
-    container = next(c for c in rig.project.containers("worker") if c.id.startswith(host))
+    victim, container, _ = _burst_and_a_long_task(rig)
+    controller = rig.controllers[0]
     killed = time.monotonic()
     container.kill()
     wait_until(lambda: len(rig.where(victim)) >= 2 or None, timeout=120, what="the killed container's task back",
@@ -167,11 +172,13 @@ def test_worker_container_killed_mid_task(rig: Rig, fault_report: Report) -> Non
     fault_report.add(
         "a worker container SIGKILLed mid-task", tally, actions=len(actions), reversals=reversals(actions),
         recover_s=waited,
-        operator_saw=f"the task ran again {waited:.1f} s later (the visibility timeout); the replica was replaced",
+        operator_saw=f"the task ran again {waited:.1f} s after the kill (the visibility timeout)",
     )
     _check(tally)
     assert len(rig.where(victim)) == 2
-    assert 10 <= waited < 40
+    first, second = rig.started_at(victim)
+    # Back by the visibility timeout (10 s from its delivery; the broker looks every second), not at once.
+    assert 9.0 <= second - first < 40, (first, second)
     assert reversals(actions) <= 1, actions
 
 
@@ -311,6 +318,11 @@ def _engine_answers() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=30).returncode == 0
 
 
+@pytest.mark.skipif(
+    os.environ.get("AUTOSCALER_FAULTS_RESTART_DOCKERD") != "1" or os.geteuid() != 0,
+    reason="opt-in: stops this machine's dockerd (every container on it); .ci/run sets "
+    "AUTOSCALER_FAULTS_RESTART_DOCKERD=1 (as root)",
+)
 def test_dockerd_restarts_mid_scale_up(rig: Rig, fault_report: Report) -> None:
     """The engine goes away for ~20 s as the pool scales up: the pool holds, says why, and resumes."""
     controller = rig.start_controller()

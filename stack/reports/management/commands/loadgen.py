@@ -16,14 +16,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from core.celery import app
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from core.celery import app
 from reports.accounting import percentiles
 from reports.loadgen import Burst, Ramp, parse_burst, parse_ramp, send_offsets
 from reports.models import EnqueuedTask, Report
+from reports.publishing import publish_guard
 from reports.tasks import (
     DEFAULT_REPORT_ROWS,
     DEFAULT_REPORT_WORK,
@@ -131,6 +132,7 @@ class Command(BaseCommand):
         publish_ms: list[float],
     ) -> None:
         """Record the batch's ids (one INSERT), then publish each message."""
+        self._wait_for_broker_headroom()
         ids = [str(uuid.uuid4()) for _ in indexes]
         task = _task_for(queue)
         if queue == settings.QUEUE_CPU:
@@ -148,6 +150,17 @@ class Command(BaseCommand):
             started = time.perf_counter()
             task.apply_async(args=task_args, kwargs=task_kwargs, task_id=task_id, producer=producer)
             publish_ms.append((time.perf_counter() - started) * 1000.0)
+
+
+    def _wait_for_broker_headroom(self) -> None:
+        """Hold the load, as the web would answer 503, while the broker is too full to publish safely."""
+        guard = publish_guard()
+        said = False
+        while guard is not None and (reason := guard.refusal()) is not None:
+            if not said:
+                self.stderr.write(f"loadgen: waiting: {reason}")
+                said = True
+            time.sleep(1.0)
 
 
 def _task_for(queue: str) -> Any:
