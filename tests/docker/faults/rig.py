@@ -15,9 +15,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 from celery import Celery
@@ -81,6 +81,12 @@ class Controller:
         self._reader.join(timeout=10)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+class Delivery(NamedTuple):
+    host: str  # the container's hostname: its id's first 12 characters
+    pid: int  # the pool process that ran it
+    at: float  # when it started (the worker's clock: the host's)
 
 
 @dataclass
@@ -154,19 +160,12 @@ class Rig:
                    what=f"all {len(self.published)} tasks to complete", interval=1)
         return self.tally()
 
-    def started_at(self, task_id: str) -> list[float]:
-        """When each delivery of `task_id` started (the worker's clock: the host's), in order."""
+    def deliveries(self, task_id: str) -> list[Delivery]:
+        """Each delivery of `task_id` as the task recorded it when it started, in order."""
         ledger = self.ledger
         rows = [row.decode().split() for row in ledger.lrange(f"{self.run}:where", 0, -1)]
         ledger.close()
-        return [float(row[3]) for row in rows if row[0] == task_id]
-
-    def where(self, task_id: str) -> list[tuple[str, int]]:
-        """(container hostname, pid) of each delivery of `task_id`, in order."""
-        ledger = self.ledger
-        rows = [row.decode().split() for row in ledger.lrange(f"{self.run}:where", 0, -1)]
-        ledger.close()
-        return [(row[1], int(row[2])) for row in rows if row[0] == task_id]
+        return [Delivery(row[1], int(row[2]), float(row[3])) for row in rows if row[0] == task_id]
 
     def close(self) -> None:
         for number, controller in enumerate(self.controllers):
@@ -201,6 +200,3 @@ def reversals(actions: list[tuple[float, int, int]]) -> int:
     directions = [1 if new > old else -1 for _, old, new in actions if new != old]
     return sum(1 for a, b in itertools.pairwise(directions) if a != b)
 
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    wait_until(lambda: predicate() or None, timeout=timeout, what=what, interval=0.25)

@@ -127,9 +127,9 @@ def _burst_and_a_long_task(rig: Rig) -> tuple[str, Container, int]:
     rig.publish(BURST, SECONDS)
     (task_id,) = rig.publish(1, 6.0)
     _scaled_up(rig)
-    wait_until(lambda: rig.where(task_id) or None, timeout=90, what="the long task to start", interval=0.1)
-    host, pid = rig.where(task_id)[0]
-    return task_id, next(c for c in rig.project.containers("worker") if c.id.startswith(host)), pid
+    first = wait_until(lambda: next(iter(rig.deliveries(task_id)), None), timeout=90, what="the long task to start",
+                       interval=0.1)
+    return task_id, next(c for c in rig.project.containers("worker") if c.id.startswith(first.host)), first.pid
 
 
 def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> None:
@@ -139,7 +139,7 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
     killed = time.monotonic()
     code, out = container.exec_run(["python", "-c", f"import os; os.kill({pid}, 9)"])
     assert code == 0, out
-    wait_until(lambda: len(rig.where(child_victim)) >= 2 or None, timeout=60, what="the redelivery", interval=0.1)
+    wait_until(lambda: len(rig.deliveries(child_victim)) >= 2 or None, timeout=60, what="the redelivery", interval=0.1)
     child_wait = time.monotonic() - killed
     tally = rig.wait_all_done(180)
     _back_down(rig)
@@ -150,7 +150,7 @@ def test_worker_pool_child_killed_mid_task(rig: Rig, fault_report: Report) -> No
         operator_saw=f"the task ran again {child_wait:.1f} s after its child was killed (ledger: 2 deliveries)",
     )
     _check(tally)
-    assert len(rig.where(child_victim)) == 2
+    assert len(rig.deliveries(child_victim)) == 2
     assert tally.redelivered == 1, tally
     # Requeued by the worker itself, not restored after the visibility timeout (10 s) as a lost one is.
     assert child_wait < 10.0
@@ -163,7 +163,7 @@ def test_worker_container_killed_mid_task(rig: Rig, fault_report: Report) -> Non
     controller = rig.controllers[0]
     killed = time.monotonic()
     container.kill()
-    wait_until(lambda: len(rig.where(victim)) >= 2 or None, timeout=120, what="the killed container's task back",
+    wait_until(lambda: len(rig.deliveries(victim)) >= 2 or None, timeout=120, what="the killed container's task back",
                interval=0.2)
     waited = time.monotonic() - killed
     tally = rig.wait_all_done(180)
@@ -175,8 +175,8 @@ def test_worker_container_killed_mid_task(rig: Rig, fault_report: Report) -> Non
         operator_saw=f"the task ran again {waited:.1f} s after the kill (the visibility timeout)",
     )
     _check(tally)
-    assert len(rig.where(victim)) == 2
-    first, second = rig.started_at(victim)
+    assert len(rig.deliveries(victim)) == 2
+    first, second = (delivery.at for delivery in rig.deliveries(victim))
     # Back by the visibility timeout (10 s from its delivery; the broker looks every second), not at once.
     assert 9.0 <= second - first < 40, (first, second)
     assert reversals(actions) <= 1, actions
