@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import docker
 from loguru import logger
 
 from autoscaler.backends.base import OWNER_LABEL, BackendError, TargetNotFoundError, TargetStatus
@@ -45,7 +46,7 @@ from autoscaler.backends.compose_model import (
     normalize_project,
     nothing_to_clone,
 )
-from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError
+from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 
@@ -99,7 +100,7 @@ class ComposeBackend:
             start_workers=start_workers,
         )
         self._health = ReplicaHealth(
-            inspect=inspect, discard=self._discard,
+            inspect=inspect, discard=self._discard, oom_events=self._oom_events,
             on_failure=on_replica_failure, backoff=self._backoff, created_grace=created_grace,
             read_only=read_only, clock=clock,
         )
@@ -304,6 +305,24 @@ class ComposeBackend:
             f"inspect {what}", lambda c: c.api.inspect_container(container)
         )
         return info
+
+    def _oom_events(self, container_id: str, since: float) -> int:
+        """How many "oom" events the daemon logged for this container since `since` (epoch seconds)."""
+        # A time in the future makes the daemon hold the answer until then, so: now, to the microsecond (as
+        # a string: docker-py would round a datetime to the second). A remote daemon's clock skew delays it.
+        until = f"{time.time():.6f}"
+
+        def count(client: docker.DockerClient) -> int:
+            stream = untyped_api(client).events(
+                since=int(since), until=until, decode=True,
+                filters={"type": "container", "container": container_id, "event": "oom"},
+            )
+            try:
+                return sum(1 for _ in stream)
+            finally:
+                stream.close()
+
+        return self._docker.call(f"read the oom events of container {container_id[:12]}", count)
 
     def _discard(self, container_id: str, name: str) -> None:
         """Force-remove a container we gave up on; never raises (the next tick tries again)."""

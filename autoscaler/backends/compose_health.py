@@ -15,8 +15,9 @@ from typing import Any
 
 from loguru import logger
 
+from autoscaler.backends.base import BackendError
 from autoscaler.backends.compose_model import CLONE_LABEL, KEEP_FAILED, Replica, ReplicaProblems, ServiceRef
-from autoscaler.backends.docker_client import DockerNotFoundError
+from autoscaler.backends.docker_client import DockerNotFoundError, docker_time
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 
@@ -31,6 +32,13 @@ UNHEALTHY_GRACE = 60.0
 ReplicaFailureHook = Callable[[str, str], None]
 Inspect = Callable[[str], dict[str, Any]]
 Discard = Callable[[str, str], None]
+# How many "oom" events the daemon logged for a container (id) since a time (epoch seconds).
+OomEvents = Callable[[str, float], int]
+
+# Exit code of a process killed by SIGKILL, which is what the kernel's OOM killer sends.
+SIGKILL_EXIT = 137
+# How far back to look for an OOM event when Docker gives no start time for the container.
+OOM_LOOKBACK = 3600.0
 
 
 class ReplicaHealth:
@@ -39,6 +47,7 @@ class ReplicaHealth:
         *,
         inspect: Inspect,
         discard: Discard,
+        oom_events: OomEvents | None = None,
         on_failure: ReplicaFailureHook | None,
         backoff: StartBackoff,
         created_grace: float,
@@ -47,6 +56,7 @@ class ReplicaHealth:
     ) -> None:
         self._inspect = inspect
         self._discard = discard
+        self._oom_events = oom_events
         self._on_failure = on_failure
         self.backoff = backoff
         self._created_grace = created_grace
@@ -210,7 +220,27 @@ class ReplicaHealth:
         except DockerNotFoundError:
             return "clean"
         state = info.get("State") or {}
-        if state.get("OOMKilled"):
+        exit_code = state.get("ExitCode", replica.exit_code)
+        if state.get("OOMKilled") or (exit_code == SIGKILL_EXIT and self._oom_logged(replica.id, info)):
             return "oom-killed"
         # Exit 0 is a replica stopped on purpose (ours or an operator's `docker stop`), not a failure.
-        return "exited" if state.get("ExitCode", replica.exit_code) else "clean"
+        return "exited" if exit_code else "clean"
+
+    def _oom_logged(self, container_id: str, info: dict[str, Any]) -> bool:
+        """Whether the daemon logged an OOM kill of this container, for a SIGKILL exit it did not flag.
+
+        Docker sets `State.OOMKilled` only if containerd's OOM event reaches it before the exit event; the
+        two race, and on a busy host the exit can win, leaving exit 137 and OOMKilled false (seen in CI).
+        The daemon still logs the late "oom" event, so a SIGKILLed replica with a memory limit is looked up
+        there: one events query, only for such a replica, once.
+        """
+        if self._oom_events is None or not (info.get("HostConfig") or {}).get("Memory"):
+            return False
+        created = docker_time(info.get("Created"), default=self._clock() - OOM_LOOKBACK)
+        since = docker_time((info.get("State") or {}).get("StartedAt"), default=created)
+        try:
+            return self._oom_events(container_id, since - 1) > 0
+        except BackendError as exc:
+            logger.debug("no oom events for {}: {}", container_id[:12], exc)
+            return False
+

@@ -9,6 +9,7 @@ requests raised into a `BackendError` that says what was attempted, against whic
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import threading
@@ -36,6 +37,7 @@ __all__ = [
     "DockerUnreachableError",
     "ErrorKind",
     "classify",
+    "docker_time",
     "untyped_api",
 ]
 
@@ -314,6 +316,19 @@ class DockerConnection:
             "Docker call failed ({}: {}); retrying in {:.1f}s (attempt {})",
             what, _short(classify(exc).reason, 160) if exc else "?", wait, state.attempt_number,
         )
+
+
+def docker_time(value: Any, *, default: float) -> float:
+    """Seconds since the epoch of a Docker RFC 3339 time with nanoseconds ("2026-12-01T13:40:00.123456789Z")."""
+    if not isinstance(value, str) or not value:
+        return default
+    text = value.rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    try:
+        moment = dt.datetime.fromisoformat(f"{whole}.{(fraction or '0')[:6]:0<6}+00:00")
+    except ValueError:
+        return default
+    return moment.timestamp()
 
 
 def untyped_api(client: docker.DockerClient) -> Any:

@@ -8,7 +8,6 @@ backend then re-reads and tries again.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from autoscaler.backends.docker_client import (
     DockerConflictError,
     DockerConnection,
     DockerNotFoundError,
+    docker_time,
     untyped_api,
 )
 from autoscaler.backends.swarm_drain import SwarmDrainer, WorkerControl
@@ -71,7 +71,7 @@ def count_tasks(
             running += 1
         elif desired == "running" and state in _STARTING_STATES:
             error = str(status.get("Err") or "")
-            age = now - _timestamp(task.get("CreatedAt"), default=now)
+            age = now - docker_time(task.get("CreatedAt"), default=now)
             if any(words in error for words in _NO_NODE) or age >= start_bound:
                 unplaceable += 1
                 reasons.append(error or f"{state} for {age:.0f}s")
@@ -81,19 +81,6 @@ def count_tasks(
             stopping += 1
     reason = max(set(reasons), key=reasons.count) if reasons else ""
     return TaskCounts(running, starting, stopping, failed, unplaceable, reason)
-
-
-def _timestamp(value: Any, *, default: float) -> float:
-    """Seconds since the epoch of a Docker RFC 3339 time with nanoseconds ("2026-12-01T13:40:00.123456789Z")."""
-    if not isinstance(value, str) or not value:
-        return default
-    text = value.rstrip("Z")
-    whole, _, fraction = text.partition(".")
-    try:
-        moment = dt.datetime.fromisoformat(f"{whole}.{(fraction or '0')[:6]:0<6}+00:00")
-    except ValueError:
-        return default
-    return moment.timestamp()
 
 
 class SwarmBackend:
@@ -137,7 +124,7 @@ class SwarmBackend:
         counts = replace(counts, stopping=counts.stopping + len(in_shutdown))
         update = info.get("UpdateStatus") or {}
         updating = str(update.get("State", "")) in ("updating", "rollback_started") and (
-            now - _timestamp(update.get("StartedAt"), default=now) < self._start_bound
+            now - docker_time(update.get("StartedAt"), default=now) < self._start_bound
         )
         # During a drain the spec is `final` + victims still running: what the pool was asked for is `final`.
         final = self._drainer.final(pool.name) if self._drainer is not None else None

@@ -130,13 +130,14 @@ def test_the_calls_the_autoscaler_makes_pass(proxy: Proxy) -> None:
         {"method": "GET", "path": "/version"},
         {"method": "GET", "path": '/v1.41/containers/json?all=1&filters={"label":["x"]}'},
         {"method": "GET", "path": f"/v1.41/images/{proxy.python_image}/json"},
+        {"method": "GET", "path": '/v1.41/events?since=1&until=2&filters={"event":["oom"]}'},
         create(proxy, name),
         {"method": "GET", "path": f"/v1.41/containers/{name}/json"},
         {"method": "POST", "path": f"/v1.41/containers/{name}/start"},
         {"method": "POST", "path": f"/v1.41/containers/{name}/stop?t=1"},
         {"method": "DELETE", "path": f"/v1.41/containers/{name}?v=1"},
     ])
-    assert [a["status"] for a in answers] == [200, 200, 200, 200, 201, 200, 204, 204, 204], answers
+    assert [a["status"] for a in answers] == [200, 200, 200, 200, 200, 201, 200, 204, 204, 204], answers
     assert proxy.created() == []
 
 
@@ -151,6 +152,7 @@ REFUSED_CALLS = [
     ("POST", "/v1.41/swarm/init", {}, "is not an endpoint"),
     ("POST", "/v1.41/services/x/update", {}, "is not an endpoint"),
     ("GET", "/v1.41/info", None, "is not an endpoint"),
+    ("POST", "/v1.41/events", None, "is not an endpoint"),
     ("PUT", "/v1.41/containers/{c}/archive?path=/", None, "is not an endpoint"),
     ("POST", "/v1.23/containers/{c}/start", {"Binds": ["/:/host"], "Privileged": True}, "below 1.24"),
     ("GET", "/v1.023/containers/json", None, "below 1.24"),  # Docker reads it as 1.23
