@@ -9,9 +9,8 @@ from __future__ import annotations
 from functools import cache
 
 import redis
-from django.conf import settings
-
 from autoscaler.publish_guard import PublishGuard
+from django.conf import settings
 
 __all__ = ["broker", "publish_guard"]
 

@@ -140,7 +140,7 @@ def bootstrap_interval(
 class ReportTask(RecordedTask):  # type: ignore[misc]
     abstract = True
 
-    def poisoned(self, report_id: str, *args: Any, error: str, **kwargs: Any) -> None:
+    def poisoned(self, report_id: str, *_args: Any, error: str, **_kwargs: Any) -> None:
         Report.objects.filter(pk=report_id).update(status=Report.Status.FAILED, error=error[:2000],
                                                    finished_at=timezone.now())
 

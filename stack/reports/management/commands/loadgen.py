@@ -16,11 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.celery import app
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from core.celery import app
 from reports.accounting import percentiles
 from reports.loadgen import Burst, Ramp, parse_burst, parse_ramp, send_offsets
 from reports.models import EnqueuedTask, Report
