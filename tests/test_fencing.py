@@ -15,8 +15,10 @@ import pytest
 import redis
 
 from autoscaler.backends.base import LeaseLostError, TargetStatus
+from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.backends.memory import MemoryBackend
+from autoscaler.backends.swarm_drain import SwarmDrainer
 from autoscaler.leader import Fence, LeaderLock, Lease
 from autoscaler.loop import Controller
 from autoscaler.observability.metrics import Metrics
@@ -194,3 +196,44 @@ def test_the_state_is_written_only_while_the_lock_is_this_replicas(redis_url: st
     client.set("autoscaler:leader", "a")
     store.save({"fast": PoolState(last_scale_up=1.0)})
     assert store.load(["fast"])["fast"].last_scale_up == 1.0
+
+
+@pytest.mark.parametrize("backend_kind", ["compose", "swarm"])
+def test_the_lease_is_renewed_before_the_busy_worker_probe_waits(redis_url: str, backend_kind: str) -> None:
+    """The busy-worker probe waits out its whole timeout (about a second at the default) between two lease
+    checks: unrenewed before it, a 1 s interval's 1.5 s lease lapsed by the stop that follows (a review of the
+    fault suite), the stop was refused and the scale-down repeated at the next tick. Here: a 1 s lease, 0.6 s
+    of the tick before the probe, a 0.7 s probe, then the stop's check."""
+    leader = lock(redis_url, "a", 1.0)
+    fence = Fence(leader)
+    pool = PoolPolicy.model_validate({
+        "name": "fast", "queues": ["fast"], "min": 1, "max": 4, "tiers": [{"above": 100, "replicas": 4}],
+        "target": {backend_kind: {"service": "worker"}},
+    })
+
+    def slow_probe(_pool: PoolPolicy) -> set[str]:
+        time.sleep(0.7)
+        return set()
+
+    assert leader.acquire_or_renew() is Lease.ACQUIRED
+    time.sleep(0.6)  # the tick's listing and decision since the lease was last renewed
+    if backend_kind == "compose":
+        backend = ComposeBackend(docker_connection=DockerConnection(fence=fence.check), busy_probe=slow_probe)
+        backend._busy(pool)
+        backend.close()
+    else:
+        class SlowControl:
+            def workers(self, _pool: PoolPolicy) -> dict[str, bool]:
+                slow_probe(_pool)
+                return {}
+
+            def shutdown(self, nodenames: list[str]) -> None:
+                raise AssertionError("no worker to shut down")
+
+        running = [{"ID": f"t{n}", "DesiredState": "running", "Status": {"State": "running"}} for n in (1, 2)]
+        drainer = SwarmDrainer(control=SlowControl(), list_tasks=lambda _service: running,
+                               set_replicas=lambda _pool, _count: None, fence=fence.check)
+        drainer.begin(pool, {"ID": "svc", "Spec": {}}, running, desired=1)
+        drainer.close()
+    fence.check("stop container worker_4")  # raised LeaseLostError when the probe came unrenewed
+    assert fence.lost is None

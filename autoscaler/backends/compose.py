@@ -118,9 +118,11 @@ class ComposeBackend:
     def status(self, pool: PoolPolicy) -> TargetStatus:
         """Running replicas (draining ones excluded); also removes crashed starts."""
         target = self._target(pool)
-        replicas = self._replicas(pool, target)
+        # Drains read before the listing: one that ends in between (its victim stopped and removed) would
+        # otherwise leave a victim listed but no longer marked, counted as running.
         draining, starting = self._in_flight(pool)
-        pending = self._health.repair_leftovers(target, replicas)
+        replicas = self._replicas(pool, target)
+        pending = self._health.repair_leftovers(target, replicas, starting=bool(starting))
         self._health.remove_stopped_victims(target, replicas, draining)
         problems = self._health.note_problems(pool, replicas, draining)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
@@ -143,8 +145,8 @@ class ComposeBackend:
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         target = self._target(pool)
+        draining, _ = self._in_flight(pool)  # before the listing, as in status()
         replicas = self._replicas(pool, target)
-        draining, _ = self._in_flight(pool)
         live = [r for r in replicas if r.state == "running" and r.id not in draining]
         if len(live) != current:
             # The count moved since status(); acting on the live one keeps a repeated call idempotent.
@@ -357,6 +359,9 @@ class ComposeBackend:
     def _busy(self, pool: PoolPolicy) -> set[str] | None:
         if self._busy_probe is None:
             return None
+        # The probe waits out its whole timeout (about a second) between two lease checks: renew the lease
+        # right before it, so that the stop that follows does not find it lapsed at a short interval.
+        self._docker.check_fence(f"ask which workers of pool {pool.name} are busy")
         try:
             return self._busy_probe(pool)
         except Exception as exc:  # a probe failure must never stop a scale-down

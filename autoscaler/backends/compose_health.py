@@ -112,18 +112,29 @@ class ReplicaHealth:
     def problems(self, pool: PoolPolicy) -> ReplicaProblems:
         return self._problems.get(pool.name, ReplicaProblems())
 
-    def repair_leftovers(self, target: ServiceRef, replicas: list[Replica]) -> list[Replica]:
-        """Remove our own clones created but never started (a crashed scale-up); return the young ones."""
+    def repair_leftovers(self, target: ServiceRef, replicas: list[Replica], *, starting: bool) -> list[Replica]:
+        """Remove our own clones created but never started (a crashed scale-up); return the young ones.
+
+        A clone is only ever left in `created` by a scale-up that did not finish: this process's scale-up
+        waits for its starts, so when none of ours is under way (`starting` false) such a clone was left by
+        an earlier controller, killed or fenced between its create and its start, and nobody will start it.
+        Waiting out the grace for it would hold the pool's scale-ups for a minute after a failover. A
+        never-started container that is not a clone may be Compose's start under way: it holds the pool
+        for the grace, and is then left for the operator.
+        """
         now = self._clock()
         pending: list[Replica] = []
         for replica in replicas:
             if replica.state != "created":
                 continue
-            if now - replica.created < self._created_grace:
-                pending.append(replica)  # may be a start under way, ours or Compose's
-            elif replica.labels.get(CLONE_LABEL) == "true" and not self._read_only:
-                logger.warning("{}: removing {} (created {:.0f}s ago, never started)", target, replica.name,
-                               now - replica.created)
+            clone = replica.labels.get(CLONE_LABEL) == "true"
+            # Read-only (`autoscaler status`), another process leads: its start may be under way.
+            abandoned = clone and not starting and not self._read_only
+            if not abandoned and now - replica.created < self._created_grace:
+                pending.append(replica)  # a start under way, ours or Compose's
+            elif clone and not self._read_only:
+                logger.warning("{}: removing {} (created {:.0f}s ago, never started{})", target, replica.name,
+                               now - replica.created, "" if starting else " by an earlier controller")
                 self._discard(replica.id, replica.name)
         return pending
 

@@ -153,6 +153,8 @@ class SwarmDrainer:
         count = len(running) - desired
         if count <= 0:
             return self.retarget(pool.name, desired)
+        if self._fence is not None:  # renewed before the probe's wait, not only after it (compose.py: _busy)
+            self._fence(f"ask which workers of pool {pool.name} are busy")
         nodes = self._control.workers(pool)
         victims = None if nodes is None else choose_victims(running, nodes, count=count, spec_hostname=spec_hostname)
         if victims is None:
