@@ -44,12 +44,13 @@ def test_malformed_state_starts_fresh(redis_url: str) -> None:
 def test_only_one_leader_and_takeover_after_expiry(redis_url: str) -> None:
     """Two replicas never both hold the lock; a standby takes over once the leader stops renewing."""
     client = redis.Redis.from_url(redis_url)
-    a = LeaderLock(client, key="t:leader", instance_id="a", ttl=0.3)
-    b = LeaderLock(client, key="t:leader", instance_id="b", ttl=0.3)
+    # A lease of 1 s renewed after 0.3 s: slack for a loaded CI machine (0.3 s with 0.2 s of sleep was thin).
+    a = LeaderLock(client, key="t:leader", instance_id="a", ttl=1.0)
+    b = LeaderLock(client, key="t:leader", instance_id="b", ttl=1.0)
     assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.ACQUIRED, Lease.HELD_BY_OTHER)
-    time.sleep(0.2)
+    time.sleep(0.3)
     assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.RENEWED, Lease.HELD_BY_OTHER)  # still a's
-    time.sleep(0.4)  # a "dies": no renewal past the ttl
+    time.sleep(1.1)  # a "dies": no renewal past the ttl
     assert b.acquire_or_renew() is Lease.ACQUIRED
     assert a.acquire_or_renew() is Lease.HELD_BY_OTHER  # the old leader must not steal it back
     assert a.holder() == "b"

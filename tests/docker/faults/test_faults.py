@@ -190,6 +190,10 @@ def test_leader_failover(rig: Rig, fault_report: Report) -> None:
                what="the second controller to stand by")
     rig.publish(BURST, SECONDS)
     _scaled_up(rig)
+    # The engine shows the replicas before the leader logs its action: stopped in between, the line would
+    # be read after SIGCONT and taken for an action of the resumed leader.
+    wait_until(lambda: leader.first(r"scaled fast from \d+ to 4") or None, timeout=30,
+               what="the leader to report its scale-up")
     leader.kill(signal.SIGSTOP)
     stopped = time.monotonic()
     took_over = wait_until(lambda: standby.first("is now the leader", after=stopped), timeout=30,
