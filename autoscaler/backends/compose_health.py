@@ -243,7 +243,8 @@ class ReplicaHealth:
         Docker sets `State.OOMKilled` only if containerd's OOM event reaches it before the exit event; the
         two race, and on a busy host the exit can win, leaving exit 137 and OOMKilled false (seen in CI).
         The daemon still logs the late "oom" event, so a SIGKILLed replica with a memory limit is looked up
-        there: one events query, only for such a replica, once.
+        there: one events query, only for such a replica, once. The daemon keeps only its last 256 events
+        (healthchecks add three per probe), so on a busy host an old kill may have scrolled out: "exited".
         """
         if self._oom_events is None or not (info.get("HostConfig") or {}).get("Memory"):
             return False
