@@ -21,7 +21,8 @@ from autoscaler.policy.model import PoolPolicy
 pytestmark = pytest.mark.docker
 
 # Long enough to still run when the scale-down's own probe asks, after the test's wait for both workers to
-# answer and its own probe (PROBE_TIMEOUT): 6 s left about 2 s to spare on a loaded machine.
+# answer and its own probe (PROBE_TIMEOUT): 6 s left about 2 s to spare on a loaded machine. Below the
+# workers' visibility timeout (compose/celery.yaml: 20 s), or a running task is delivered again.
 TASK_SECONDS = 10.0
 PROBE_TIMEOUT = 3.0
 

@@ -1,10 +1,11 @@
 """Two real controller processes and a leader frozen in the middle of a Docker call (Trust boundaries II, 1).
 
 Each controller reaches the engine through its own recording relay (tests/docker/recording_proxy.py), so
-the test sees every Engine API call each process makes. Leader A starts a scale-up; its first create is
-forwarded to the engine but the answer is held, and A is SIGSTOPped right then. Its lease runs out, B takes
-over and acts. A is SIGCONTed and its answers released: A must make no further Docker call (its next one,
-the start of the container it created, is stopped by the lease check) and no scale action. What A had in
+the test sees every Engine API call each process makes. Leader A starts a scale-up; its creates are
+forwarded to the engine but the answers are held, and A is SIGSTOPped once all four are sent. Its lease
+runs out, B takes over and acts. A is SIGCONTed and its answers released: A must make no further Docker
+call (its next one, the start of the container it created, is stopped by the lease check) and no scale
+action. What A had in
 flight when it froze (the creates the engine already carried out) is the residual window: never started,
 counted by B within `max`, and removed by the leftover repair.
 """
@@ -86,6 +87,11 @@ def test_a_leader_frozen_mid_call_makes_no_call_after_it_resumes(
         relay_a.hold_after(r"^POST \S*/containers/create")
         publish(redis_url, 150)
         wait_until(relay_a.held.is_set, timeout=30, what="A to send its first create")
+        # A creates its four clones from parallel threads, each after its own lease check: frozen between
+        # a check and its send, a thread would send after SIGCONT (the residual window the module docstring
+        # names, not what this test is about). Every answer is held, so once all four are sent A is idle.
+        wait_until(lambda: sum("/containers/create" in r.path for r in relay_a.since(0)) >= 4 or None,
+                   timeout=15, what="A to send all four creates")
         os.kill(a.process.pid, signal.SIGSTOP)
         frozen = time.time()
 
