@@ -17,16 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoscaler.publish_guard import PublishGuard, memory_refusal
+from tests.test_loop import Clock
 
 pytestmark = pytest.mark.redis
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def _used(client: redis.Redis) -> int:
 
 
 def test_publishing_stops_at_the_limit_and_resumes_below_it(broker: redis.Redis, logs: list[str]) -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     guard = PublishGuard(broker, limit=0.8, ttl=1.0, clock=clock)
     broker.config_set("maxmemory", _used(broker) * 4)  # 25 %: well below the limit
     assert guard.refusal() is None
@@ -60,7 +53,7 @@ def test_publishing_stops_at_the_limit_and_resumes_below_it(broker: redis.Redis,
 def test_a_broker_without_maxmemory_is_never_refused_and_the_log_says_so_once(
     broker: redis.Redis, logs: list[str]
 ) -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     guard = PublishGuard(broker, clock=clock)
     broker.config_set("maxmemory", 0)
     for _ in range(3):
@@ -71,7 +64,7 @@ def test_a_broker_without_maxmemory_is_never_refused_and_the_log_says_so_once(
 
 def test_an_unreachable_broker_is_not_refused_here_and_the_log_says_so_once(logs: list[str]) -> None:
     client = redis.Redis(host="127.0.0.1", port=9, socket_connect_timeout=0.5)
-    clock = Clock()
+    clock = Clock(0.0)
     guard = PublishGuard(client, clock=clock)
     for _ in range(3):
         assert guard.refusal() is None

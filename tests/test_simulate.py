@@ -26,6 +26,7 @@ from autoscaler.simulate.traces import Trace, TraceError, parse_csv, parse_jsonl
 from autoscaler.simulate.workload import PoolCapacity, estimate_throughput
 from autoscaler.state_store import MemoryStateStore
 from autoscaler.types import Direction, QueueStats
+from tests.test_loop import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = Path(__file__).resolve().parent / "fixtures" / "traces"
@@ -140,14 +141,6 @@ class OnePolicy:
         return self.policy, None
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def scripted_depths(ticks: int) -> list[dict[str, int]]:
     """Deterministic bursty depths for three queues."""
     rng = random.Random(7)
@@ -166,7 +159,7 @@ def test_simulator_decides_exactly_as_the_live_loop() -> None:
     policy = parse_policy(EQUIVALENCE_POLICY)
     rows = scripted_depths(160)
 
-    source, clock = ScriptedSource(), Clock()
+    source, clock = ScriptedSource(), Clock(0.0)
     live = Controller(
         policies=OnePolicy(policy),
         source=source,

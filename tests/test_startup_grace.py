@@ -14,6 +14,7 @@ from autoscaler.policy.model import Policy
 from autoscaler.policy.watch import FixedPolicy
 from autoscaler.state_store import MemoryStateStore
 from autoscaler.types import QueueStats
+from tests.test_loop import Clock
 
 POLICY = {
     "interval": "15s",
@@ -35,14 +36,6 @@ class EmptyQueues:
 
     def close(self) -> None:
         return None
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

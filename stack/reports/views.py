@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from reports.accounting import account
 from reports.models import Report, TaskRun
-from reports.publishing import broker, publish_guard
+from reports.publishing import broker, publish_refusal
 from reports.tasks import DEFAULT_REPORT_ROWS, DEFAULT_REPORT_WORK, generate_report
 
 __all__ = ["create_report", "healthz", "report_detail", "slow", "tasks_summary"]
@@ -51,8 +51,7 @@ def create_report(request: HttpRequest) -> JsonResponse:
         work = _bounded_int(payload, "work", DEFAULT_REPORT_WORK, MAX_REPORT_WORK)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return _error(400, str(exc))
-    guard = publish_guard()
-    if guard is not None and (full := guard.refusal()) is not None:
+    if (full := publish_refusal()) is not None:
         # Refused at the door, before the INSERT: nothing is half-accepted, and the client knows to retry.
         refused = _error(503, full)
         refused["Retry-After"] = "5"

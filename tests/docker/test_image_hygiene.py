@@ -62,10 +62,10 @@ def _parse(outer: tarfile.TarFile, name: str, diff_id: str) -> Layer:
     layer = Layer(diff_id)
     with tarfile.open(fileobj=outer.extractfile(name)) as inner:
         for member in inner:
-            layer.names.append(member.name.removeprefix("./"))
+            path = member.name.removeprefix("./")
+            layer.names.append(path)
             if not member.isreg():
                 continue
-            path = member.name.removeprefix("./")
             data = inner.extractfile(member).read()  # type: ignore[union-attr]
             layer.files[path] = hashlib.sha256(data).digest()
             if member.size <= SCANNED_SIZE:

@@ -24,7 +24,7 @@ from core.celery import app
 from reports.accounting import percentiles
 from reports.loadgen import Burst, Ramp, parse_burst, parse_ramp, send_offsets
 from reports.models import EnqueuedTask, Report
-from reports.publishing import publish_guard
+from reports.publishing import publish_refusal
 from reports.tasks import (
     DEFAULT_REPORT_ROWS,
     DEFAULT_REPORT_WORK,
@@ -154,9 +154,8 @@ class Command(BaseCommand):
 
     def _wait_for_broker_headroom(self) -> None:
         """Hold the load, as the web would answer 503, while the broker is too full to publish safely."""
-        guard = publish_guard()
         said = False
-        while guard is not None and (reason := guard.refusal()) is not None:
+        while (reason := publish_refusal()) is not None:
             if not said:
                 self.stderr.write(f"loadgen: waiting: {reason}")
                 said = True
