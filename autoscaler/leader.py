@@ -101,7 +101,8 @@ class LeaderLock:
         value = self._client.get(self.key)
         if value is None:
             return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        # Any broker client can write the key when the lock shares the broker: shown, never trusted or fatal.
+        return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
