@@ -144,8 +144,6 @@ class Controller:
 
     def _lead(self, policy: Policy) -> bool:
         lock_answered = True
-        if self.fence is not None:
-            self.fence.rearm()
         if self.lock is None:
             leader = True
         else:
@@ -162,6 +160,11 @@ class Controller:
                 )
             if lease is Lease.ACQUIRED:
                 self.states = None  # whatever this replica remembers may be stale: read the stored state
+        if leader and self.fence is not None:
+            # Only once the lease is confirmed ours: a fence re-armed before would let a background drain paused
+            # by a lost lease check the lock between the two steps (and fence off this whole tick); a standby's
+            # stays closed.
+            self.fence.rearm()
         if ("leader" if leader else "standby") != self.role:
             logger.info("this replica is now {}", "the leader" if leader else "a standby")
         if not leader:
