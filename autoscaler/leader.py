@@ -12,6 +12,7 @@ Docker API timeout; README, "Running several controllers").
 from __future__ import annotations
 
 import enum
+import threading
 
 import redis
 from loguru import logger
@@ -74,12 +75,27 @@ class LeaderLock:
         self._acquire = client.register_script(_ACQUIRE_OR_RENEW)
         self._confirm = client.register_script(_CONFIRM)
         self._release = client.register_script(_RELEASE)
+        self._term = 0
+        # Held across the acquiring script and the count: a thread whose lease check passed only because this
+        # call took the lock reads the new term, never the old one.
+        self._term_lock = threading.Lock()
+
+    @property
+    def term(self) -> int:
+        """How many times this replica took the lock (renewals not counted). A lease held under an earlier term
+        had a gap in between, in which another replica may have led."""
+        with self._term_lock:
+            return self._term
 
     def acquire_or_renew(self, ttl: float | None = None) -> Lease:
         """Take or renew the lock for `ttl` seconds (default: the last one used). Raises redis errors."""
         if ttl is not None:
             self.ttl = ttl
-        return Lease(int(self._acquire(keys=[self.key], args=[self.instance_id, self._ttl_ms()])))
+        with self._term_lock:
+            lease = Lease(int(self._acquire(keys=[self.key], args=[self.instance_id, self._ttl_ms()])))
+            if lease is Lease.ACQUIRED:
+                self._term += 1
+        return lease
 
     def confirm(self) -> bool:
         """Renew the lease if this replica still holds it; False if it does not, or if Redis does not answer.
@@ -101,7 +117,8 @@ class LeaderLock:
         value = self._client.get(self.key)
         if value is None:
             return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        # Any broker client can write the key when the lock shares the broker: shown, never trusted or fatal.
+        return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
@@ -120,6 +137,10 @@ class Fence:
 
     def rearm(self) -> None:
         self.lost = None
+
+    def term(self) -> int:
+        """The lease's term (`LeaderLock.term`): work begun under an earlier one must not go on as it was."""
+        return self._lock.term if self._lock is not None else 0
 
     def check(self, what: str) -> None:
         if self._lock is None:

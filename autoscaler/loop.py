@@ -28,7 +28,7 @@ from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.sources.base import MetricSource, SourceError
 from autoscaler.state_store import StateFencedError, StateStoreError
-from autoscaler.types import Decision, Direction, Observation, PoolState, QueueStats
+from autoscaler.types import MAX_DRAINING, Decision, Direction, Observation, PoolState, QueueStats
 
 __all__ = ["STARTUP_GRACE", "Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
 
@@ -93,6 +93,8 @@ class Controller:
     _checked: set[str] = field(default_factory=set)
     _first_tick: float | None = None
     _broker_applied: BrokerOptions | None = None
+    # The stored drain marks of pools whose drains are not followed yet (the backend failed): kept, and retried.
+    _unresumed: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
     def tick(self, *, force_reload: bool = False) -> TickReport:
         started = self.clock()
@@ -112,7 +114,9 @@ class Controller:
                 # Cooldowns and windows unknown: acting now could flap a pool that just scaled.
                 logger.bind(error=str(exc)).error("{}; not acting this tick", exc)
                 return TickReport(role="leader", at=started, metric_error=str(exc), policy_event=event)
-            self._resume_drains(policy)
+            self._unresumed = {p.name: self.states[p.name].draining for p in policy.pools
+                               if p.name in self.states and self.states[p.name].draining}
+        self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
@@ -144,8 +148,6 @@ class Controller:
 
     def _lead(self, policy: Policy) -> bool:
         lock_answered = True
-        if self.fence is not None:
-            self.fence.rearm()
         if self.lock is None:
             leader = True
         else:
@@ -162,6 +164,11 @@ class Controller:
                 )
             if lease is Lease.ACQUIRED:
                 self.states = None  # whatever this replica remembers may be stale: read the stored state
+        if leader and self.fence is not None:
+            # Only once the lease is confirmed ours: a fence re-armed before would let a background drain paused
+            # by a lost lease check the lock between the two steps (and fence off this whole tick); a standby's
+            # stays closed.
+            self.fence.rearm()
         if ("leader" if leader else "standby") != self.role:
             logger.info("this replica is now {}", "the leader" if leader else "a standby")
         if not leader:
@@ -182,25 +189,30 @@ class Controller:
         return True
 
     def _resume_drains(self, policy: Policy) -> None:
-        """Leadership (re)starts: take over the stops the previous leader had under way (from the state)."""
-        assert self.states is not None
+        """Leadership (re)starts: take over the stops the previous leader had under way (from the state);
+        pools whose drains could not be taken over yet are tried again at each tick."""
         for pool in policy.pools:
-            marks = self.states.get(pool.name, PoolState()).draining
+            marks = self._unresumed.get(pool.name)
             if not marks:
                 continue
             try:
                 self.backend.resume_drains(pool, marks)
             except BackendError as exc:
-                # Kept in the state: the next leadership start, or a later tick's marks, try again.
+                # Kept in the state (_with_drain_marks): the backend's own marks do not list them yet.
                 logger.bind(pool=pool.name, error=str(exc)).warning(
                     "pool {}: cannot resume the drains of {} replica(s) yet: {}", pool.name, len(marks), exc
                 )
+                continue
+            del self._unresumed[pool.name]
 
     def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
         try:
             marks = self.backend.drain_marks(pool)
         except BackendError:
             return state  # keep the last known marks rather than forget a stop under way
+        stored = self._unresumed.get(pool.name)
+        if stored:  # stops another leader began, not followed yet: the state is their only record
+            marks = tuple(sorted({**dict(stored), **dict(marks)}.items()))[:MAX_DRAINING]
         return state if marks == state.draining else replace(state, draining=marks)
 
     def _configure_source(self, policy: Policy) -> None:

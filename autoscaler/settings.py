@@ -7,13 +7,14 @@ this process behaves (ports, log format, leader lock).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "default_instance_id", "load_settings"]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -24,6 +25,12 @@ class SettingsError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def default_instance_id() -> str:
+    """`hostname:pid:random`, unique per process: containers of one name all run as pid 1, and two replicas
+    sharing an id would both hold the leader lock (each one's renewal is the other's)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 class Settings(BaseSettings):
@@ -43,8 +50,9 @@ class Settings(BaseSettings):
         default=None, description="where state and the leader lock live; default: redis_url"
     )
     instance_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
-        description="this controller replica's name in the leader lock",
+        default_factory=default_instance_id,
+        description="this controller replica's name in the leader lock; default: hostname:pid:random, unique per "
+        "process (an explicit one must differ between replicas)",
     )
     leader_ttl: float | None = Field(
         default=None,
@@ -70,6 +78,12 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # `AUTOSCALER_DRY_RUN=` (set but empty, as Compose's `${VAR:-}` gives) means "not set", not an error.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("instance_id", mode="before")
+    @classmethod
+    def _empty_id_is_unset(cls, value: Any) -> Any:
+        # Empty, it would name every replica started that way alike, and they would all lead.
+        return default_instance_id() if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url", "state_redis_url")
     @classmethod

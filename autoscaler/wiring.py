@@ -122,7 +122,8 @@ def build_backend(
         on_replica_failure=on_replica_failure,
         read_only=read_only,
     )
-    swarm = SwarmBackend(docker_connection=connection, control=None if read_only else celery_control)
+    swarm = SwarmBackend(docker_connection=connection, control=None if read_only else celery_control,
+                         lease_term=fence.term if fence is not None else None)
     return BackendRouter(compose=compose, swarm=swarm)
 
 

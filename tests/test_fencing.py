@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from autoscaler.backends.base import LeaseLostError, TargetStatus
+from autoscaler.backends.base import BackendError, LeaseLostError, TargetStatus
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.backends.memory import MemoryBackend
@@ -237,3 +237,34 @@ def test_the_lease_is_renewed_before_the_busy_worker_probe_waits(redis_url: str,
         drainer.close()
     fence.check("stop container worker_4")  # raised LeaseLostError when the probe came unrenewed
     assert fence.lost is None
+
+
+class ResumeFailsOnce(MemoryBackend):
+    """A daemon that does not answer the new leader's first look at the drains it takes over."""
+
+    def __init__(self, replicas: dict[str, int]) -> None:
+        super().__init__(replicas)
+        self.resumed: list[tuple[str, tuple[tuple[str, float], ...]]] = []
+
+    def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
+        if not self.resumed:
+            self.resumed.append(("failed", marks))
+            raise BackendError("cannot reach the Docker daemon (restarting)")
+        self.resumed.append((pool.name, marks))
+
+
+def test_drains_a_new_leader_cannot_resume_yet_stay_in_the_state(redis_url: str, policy_file: Path) -> None:
+    """The marks another leader left are the only record of its stops under way: one failed resume must not
+    overwrite them with nothing; the next tick tries again."""
+    marks = (("0123456789ab" * 5 + "0123", 2_000_000.0),)
+    store = RedisStateStore(redis.Redis.from_url(redis_url), prefix="autoscaler:")
+    store.save({"fast": PoolState(draining=marks)})
+    backend = ResumeFailsOnce({"worker-fast": 3, "worker-io": 2})
+    new_leader = Controller(
+        policies=PolicyWatcher(policy_file), source=CeleryRedisSource(url=redis_url, broker=BrokerOptions()),
+        backend=backend, store=store, metrics=Metrics(), clock=Clock(),
+    )
+    new_leader.tick()
+    assert store.load(["fast"])["fast"].draining == marks
+    new_leader.tick()
+    assert backend.resumed == [("failed", marks), ("fast", marks)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -10,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from autoscaler.leader import LeaderLock, Lease
 from autoscaler.observability.http import HealthServer
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.watch import PolicyWatcher
-from autoscaler.settings import Settings
+from autoscaler.settings import Settings, default_instance_id
 from autoscaler.state_store import RedisStateStore
 from autoscaler.types import PoolState
 from autoscaler.wiring import build_controller
@@ -54,6 +58,46 @@ def test_only_one_leader_and_takeover_after_expiry(redis_url: str) -> None:
     assert b.acquire_or_renew() is Lease.ACQUIRED
     assert a.acquire_or_renew() is Lease.HELD_BY_OTHER  # the old leader must not steal it back
     assert a.holder() == "b"
+
+
+def test_default_instance_ids_are_unique_per_process(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two controllers in containers of one name both run as pid 1: their default ids must still differ, or
+    both hold the lock (each renews the other's lease) and both act, unfenced."""
+    monkeypatch.delenv("AUTOSCALER_INSTANCE_ID", raising=False)
+    monkeypatch.setattr(socket, "gethostname", lambda: "autoscaler")
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    client = redis.Redis.from_url(redis_url)
+    a, b = (LeaderLock(client, key="t:leader", instance_id=Settings().instance_id, ttl=60) for _ in range(2))
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.ACQUIRED, Lease.HELD_BY_OTHER)
+    assert (a.acquire_or_renew(), b.acquire_or_renew()) == (Lease.RENEWED, Lease.HELD_BY_OTHER)
+    assert a.instance_id.startswith("autoscaler:1:"), "the host and pid stay readable in the id"
+
+
+def test_an_empty_instance_id_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`AUTOSCALER_INSTANCE_ID=` (set but empty, as Compose's `${VAR:-}` gives) would name every such replica
+    alike: it means "not set", as for the other settings."""
+    monkeypatch.setenv("AUTOSCALER_INSTANCE_ID", " ")
+    assert Settings().instance_id.strip()
+    monkeypatch.setenv("AUTOSCALER_INSTANCE_ID", "web-1")
+    assert Settings().instance_id == "web-1"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.binary(max_size=64) | st.text(max_size=40).map(str.encode))
+def test_a_lock_value_any_client_writes_never_counts_as_ours(redis_url: str, value: bytes) -> None:
+    """When the lock shares the broker, any client can write its key: whatever bytes it holds, reading it never
+    raises, and only our exact id is ours (a written value that is not is a lease that expires)."""
+    client = redis.Redis.from_url(redis_url)
+    ours = default_instance_id()
+    lock = LeaderLock(client, key="t:hostile-leader", instance_id=ours, ttl=60)
+    client.set(lock.key, value)
+    assert isinstance(lock.holder(), str)
+    if value == ours.encode():
+        assert lock.acquire_or_renew() is Lease.RENEWED and lock.confirm()
+    else:
+        assert lock.acquire_or_renew() is Lease.HELD_BY_OTHER and not lock.confirm()
+        assert 0 < int(client.pttl(lock.key)) <= 120_000
+    client.delete(lock.key)
 
 
 def test_release_hands_over_at_once(redis_url: str) -> None:

@@ -94,16 +94,18 @@ class SwarmBackend:
         start_bound: float = START_BOUND,
         clock: Callable[[], float] = time.time,
         control: WorkerControl | None = None,
+        lease_term: Callable[[], int] | None = None,
     ) -> None:
         """`control` (Celery's remote control) lets a scale-down drain idle workers first (swarm_drain.py);
-        without it, Swarm chooses which tasks to stop."""
+        without it, Swarm chooses which tasks to stop. `lease_term` (`Fence.term`) lets a drain paused by a
+        lost lease check go on only under the lease it began with."""
         self._docker = docker_connection
         self._update_attempts = update_attempts
         self._start_bound = start_bound
         self._clock = clock
         self._drainer = None if control is None else SwarmDrainer(
             control=control, list_tasks=self._tasks, set_replicas=self._set_replicas,
-            fence=docker_connection.check_fence, clock=clock,
+            fence=docker_connection.check_fence, lease_term=lease_term, clock=clock,
         )
 
     def check(self, pool: PoolPolicy) -> None:

@@ -10,6 +10,11 @@ seen (every half second): Swarm removes slots whose task is not running before r
 replicated orchestrator, for equal node balance), and its restart delay (5 s by default) keeps the slot
 empty until then. A scale decided during a drain moves `final`; the same rule then raises or lowers the count.
 
+Every engine call is fenced (only the leader acts). A lease check that fails pauses the watcher, not the
+drain: the marks stay, and the watcher carries on once the controller holds the lease again. If it took the
+lock anew meanwhile (another replica may have led, and finished or changed the drain), the paused drain is
+stale: it is dropped without acting, and the marks the pool's state holds are followed instead.
+
 Telling the workers apart needs their Celery node names to carry the container's hostname (`-n name@%h`,
 Swarm's default hostname being the container id's first 12 characters). When they cannot be matched to the
 tasks (no answer from Celery, a templated hostname), the backend lowers the count itself, as before.
@@ -89,7 +94,13 @@ class _Drain:
     victims: dict[str, str]  # task id -> node name
     deadlines: dict[str, float]
     sent: float
+    term: int  # the lease term it was begun or resumed under
+    paused: str | None = None  # why the watcher waits: the lease could not be confirmed
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class _SupersededError(Exception):
+    """The drain was begun under an earlier lease term: another replica may have led since."""
 
 
 class SwarmDrainer:
@@ -102,13 +113,16 @@ class SwarmDrainer:
         list_tasks: Callable[[str], list[dict[str, Any]]],
         set_replicas: Callable[[PoolPolicy, int], None],
         fence: Callable[[str], None] | None = None,
+        lease_term: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
         poll: float = POLL,
     ) -> None:
+        """`lease_term` (`Fence.term`) tells a pause within one lease from a lease taken anew."""
         self._control = control
         self._list_tasks = list_tasks
         self._set_replicas = set_replicas
         self._fence = fence
+        self._term = lease_term or (lambda: 0)
         self._clock = clock
         self._poll = poll
         self._lock = threading.Lock()
@@ -118,31 +132,41 @@ class SwarmDrainer:
         self._watchers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="swarm-drain")
 
     def draining(self, pool: str) -> set[str]:
+        term = self._term()
         with self._lock:
-            drain = self._drains.get(pool)
-            return set(drain.victims) if drain is not None and not drain.done.is_set() else set()
+            drain = self._live(pool, term)
+            return set(drain.victims) if drain is not None else set()
 
     def marks(self, pool: str) -> DrainMarks:
+        """The victims and their deadlines, for the pool's state (a paused drain's included)."""
+        term = self._term()
         with self._lock:
-            drain = self._drains.get(pool)
-            if drain is None or drain.done.is_set():
-                return ()
-            return tuple(sorted(drain.deadlines.items()))
+            drain = self._live(pool, term)
+            return tuple(sorted(drain.deadlines.items())) if drain is not None else ()
 
     def final(self, pool: str) -> int | None:
         """The count a drain under way ends at (None: no drain): what the pool was asked to become."""
+        term = self._term()
         with self._lock:
-            drain = self._drains.get(pool)
-            return drain.final if drain is not None and not drain.done.is_set() else None
+            drain = self._live(pool, term)
+            return drain.final if drain is not None else None
 
     def retarget(self, pool: str, final: int) -> bool:
         """A new decision during a drain: it now ends at `final` (the watcher applies it). False: no drain."""
+        term = self._term()
         with self._lock:
-            drain = self._drains.get(pool)
-            if drain is None or drain.done.is_set():
+            drain = self._live(pool, term)
+            if drain is None:
                 return False
             drain.final = final
             return True
+
+    def _live(self, pool: str, term: int) -> _Drain | None:
+        """The pool's drain, unless it ended or was begun under an earlier lease term. Call with the lock held."""
+        drain = self._drains.get(pool)
+        if drain is None or drain.done.is_set() or drain.term != term:
+            return None
+        return drain
 
     def begin(self, pool: PoolPolicy, service: dict[str, Any], tasks: list[dict[str, Any]], *, desired: int) -> bool:
         """Start draining down to `desired`; False when the workers cannot be told apart (the caller then
@@ -163,15 +187,17 @@ class SwarmDrainer:
             return False
         self._shutdown(pool, list(victims.values()))
         deadline = self._clock() + pool.stop_timeout
+        term = self._term()
         with self._lock:
-            current = self._drains.get(pool.name)
-            if current is not None and not current.done.is_set():
+            current = self._live(pool.name, term)
+            if current is not None:
                 current.victims.update(victims)
                 current.deadlines.update(dict.fromkeys(victims, deadline))
                 current.final = desired
                 return True
+            self._drop_stale(pool.name)
             drain = _Drain(pool, str(service["ID"]), desired, dict(victims), dict.fromkeys(victims, deadline),
-                           self._clock())
+                           self._clock(), term)
             self._drains[pool.name] = drain
         logger.info("pool {}: warm shutdown asked of {} (idle first); the count follows as they exit",
                     pool.name, ", ".join(sorted(victims.values())))
@@ -183,7 +209,13 @@ class SwarmDrainer:
         """Leadership (re)starts mid-drain: follow the marked tasks that still run (only this service's).
 
         Marks come from the stored state: deadlines are capped at the pool's stop_timeout from now, and the
-        victims' node names are asked of Celery again (to repeat the shutdown request)."""
+        victims' node names are asked of Celery again (to repeat the shutdown request). A drain this replica
+        follows under the same lease term (paused by a lease check that went unanswered) goes on as it is; one
+        from an earlier term is replaced."""
+        term = self._term()
+        with self._lock:
+            if self._live(pool.name, term) is not None:
+                return
         running = {str(t.get("ID")): t for t in tasks if _is_running(t)}
         latest = self._clock() + pool.stop_timeout
         alive = {task_id: min(deadline, latest) for task_id, deadline in marks if task_id in running}
@@ -194,9 +226,10 @@ class SwarmDrainer:
         named = choose_victims([running[t] for t in alive], nodes, count=len(alive), spec_hostname=spec_hostname)
         victims = {task_id: (named or {}).get(task_id, "") for task_id in alive}
         with self._lock:
-            if pool.name in self._drains and not self._drains[pool.name].done.is_set():
+            if self._live(pool.name, term) is not None:
                 return
-            drain = _Drain(pool, str(service["ID"]), max(0, replicas - len(alive)), victims, alive, 0.0)
+            self._drop_stale(pool.name)
+            drain = _Drain(pool, str(service["ID"]), max(0, replicas - len(alive)), victims, alive, 0.0, term)
             self._drains[pool.name] = drain
         logger.info("pool {}: following the warm shutdown of {} task(s) begun by an earlier controller",
                     pool.name, len(alive))
@@ -207,6 +240,12 @@ class SwarmDrainer:
             for drain in self._drains.values():
                 drain.done.set()
         self._watchers.shutdown(wait=False, cancel_futures=True)
+
+    def _drop_stale(self, pool: str) -> None:
+        """End a drain of an earlier term (its watcher stops without acting). Call with the lock held."""
+        stale = self._drains.pop(pool, None)
+        if stale is not None:
+            stale.done.set()
 
     def _shutdown(self, pool: PoolPolicy, nodenames: list[str]) -> None:
         if self._fence is not None:
@@ -223,9 +262,21 @@ class SwarmDrainer:
             try:
                 finished = self._step(drain)
             except LeaseLostError as exc:
-                # The marks in the pool's state let the next leader follow the rest.
-                logger.info("pool {}: no longer following its drain: {}", name, exc)
-                drain.done.set()
+                # Often one lease check Redis did not answer, and the next tick renews the lease: ending the drain
+                # would forget its marks. Paused, it keeps them, for this replica once it holds the lease again
+                # (the fence fails fast meanwhile), and in the state for another leader.
+                if drain.paused is None:
+                    logger.warning("pool {}: drain paused until this replica holds the leader lease again: {}",
+                                   name, exc)
+                drain.paused = str(exc)
+                failures = 0
+                continue
+            except _SupersededError:
+                logger.info("pool {}: dropping the drain begun under an earlier lease (this replica took the lock "
+                            "anew: another replica may have led in between); the pool's stored state says what is "
+                            "left of it", name)
+                with self._lock:
+                    drain.done.set()
                 return
             except BackendError as exc:
                 # The daemon restarting, a deploy racing the update: keep following, more slowly.
@@ -237,6 +288,9 @@ class SwarmDrainer:
                 drain.done.set()
                 return
             failures = 0
+            if drain.paused is not None:
+                logger.info("pool {}: drain resumed (the leader lease is this replica's again)", name)
+                drain.paused = None
             if finished:
                 logger.info("pool {}: drain finished at {} replicas", name, drain.final)
                 return
@@ -244,6 +298,9 @@ class SwarmDrainer:
     def _step(self, drain: _Drain) -> bool:
         """One look at the victims and one count update; True (and the drain done) once none is left."""
         tasks = self._list_tasks(drain.service_id)
+        # After the fence passed: a lease taken anew since the drain began has bumped the term by now.
+        if self._term() != drain.term:
+            raise _SupersededError
         running = {str(t.get("ID")) for t in tasks if _is_running(t)}
         now = self._clock()
         with self._lock:
