@@ -33,13 +33,18 @@ class QueueStats:
     """One Celery queue as read from the broker.
 
     `latency_s` is the age of the oldest waiting message; None means unknown (messages without a
-    publish-time stamp), which is not the same as 0 (nothing waiting).
+    publish-time stamp, or `latency_error` says why), which is not the same as 0 (nothing waiting).
+    `error` set: the queue could not be read at all (e.g. one of its keys holds the wrong Redis type), and
+    none of its numbers mean anything; `unacked_error` set: only `unacked` is unknown.
     """
 
     name: str
     waiting: int
     unacked: int = 0
     latency_s: float | None = 0.0
+    error: str | None = None
+    unacked_error: str | None = None
+    latency_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,6 +146,26 @@ def test_redis_down_holds_then_recovers(redis_server: RedisServer, redis_url: st
     assert backend.replicas["worker-fast"] == 10
 
 
+def test_a_wrong_typed_queue_key_holds_only_its_pool(redis_url: str, policy_file: Path) -> None:
+    """Issue 17 item 4: `SET fast\\x06\\x169 x` (a priority sub-list name) holds pool fast, naming the key and
+    counting it; pool io, on another queue, scales as usual (every pool used to hold)."""
+    backend = MemoryBackend({"worker-fast": 2, "worker-io": 2})
+    controller = make_controller(redis_url, policy_file, backend)
+    controller.lock = None
+    publish(redis_url, "io_intensive", 150)
+    redis.Redis.from_url(redis_url).set("fast\x06\x169", "x")
+    report = controller.tick()
+    fast, io = report.pools
+    assert report.metric_error is None
+    assert fast.decision.direction is Direction.HOLD
+    assert "'fast\\x06\\x169'" in fast.decision.reason and "holds a string, not a list" in fast.decision.reason
+    assert (io.decision.desired, backend.replicas["worker-io"]) == (6, 6)
+    problems = controller.metrics.registry.get_sample_value(
+        "autoscaler_queue_read_problems_total", {"queue": "fast", "problem": "unreadable"}
+    )
+    assert problems == 1
+
+
 def test_restart_keeps_cooldowns(redis_url: str, policy_file: Path) -> None:
     """A controller restarted right after a scale-up reads the state from Redis and honours the cooldown."""
     clock = Clock()

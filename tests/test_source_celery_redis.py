@@ -18,7 +18,7 @@ from loguru import logger
 
 import autoscaler.celery
 from autoscaler.celery import PUBLISHED_AT_HEADER
-from autoscaler.policy.model import DEFAULT_SEPARATOR, BrokerOptions
+from autoscaler.policy.model import BrokerOptions
 from autoscaler.sources.base import SourceError
 from autoscaler.sources.celery_redis import CeleryRedisSource, redact_url
 from tests.conftest import RedisServer
@@ -405,39 +405,6 @@ def test_redis_down_raises_source_error_then_recovers(
     finally:
         redis_server.stop()  # a restart leaves no password behind for the next test
         redis_server.start()
-
-
-@pytest.mark.redis
-@pytest.mark.parametrize(
-    ("key", "setup", "expected"),
-    [
-        ("work", lambda c: c.set("work", "oops"), ["'work'", "holds a string, not a list", "queue 'work'"]),
-        (
-            f"work{DEFAULT_SEPARATOR}6",
-            lambda c: c.hset(f"work{DEFAULT_SEPARATOR}6", "f", "v"),
-            ["'work\\x06\\x166'", "holds a hash, not a list", "queue 'work'"],
-        ),
-        (
-            "unacked",
-            lambda c: c.rpush("unacked", "x"),
-            ["'unacked'", "holds a list, not a hash", "unacked_key"],
-        ),
-    ],
-)
-def test_wrong_key_type_names_the_key(
-    redis_server: RedisServer,
-    redis_url: str,
-    source: Callable[..., CeleryRedisSource],
-    key: str,
-    setup: Callable[[redis.Redis], Any],
-    expected: list[str],
-) -> None:
-    """A key of the wrong Redis type fails the read with a SourceError naming the key and its type."""
-    setup(redis_server.client())
-    with pytest.raises(SourceError) as failure:
-        source().observe(["work", "other"])
-    for part in expected:
-        assert part in str(failure.value)
 
 
 @pytest.mark.redis

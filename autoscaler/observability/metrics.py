@@ -86,6 +86,14 @@ class Metrics:
             registry=r,
         )
         self._queue_gauges: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
+        self.queue_read_problems = Counter(
+            "autoscaler_queue_read_problems",
+            "Reads in which part of a queue was unknown, by problem: unreadable (a key of the wrong type), "
+            "unacked_unknown (the unacked hash unreadable or too big per entry), latency_unknown (the oldest "
+            "message too large to read, or its size not measurable)",
+            ["queue", "problem"],
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "autoscaler_policy_reloads", "Policy file reloads by result (ok, invalid)", ["result"], registry=r
         )
@@ -93,9 +101,18 @@ class Metrics:
     def observe_queues(self, queues: Iterable[QueueStats]) -> None:
         for q in queues:
             waiting, unacked, latency = self._queue_children(q.name)
-            waiting.set(q.waiting)
-            unacked.set(q.unacked)
+            waiting.set(math.nan if q.error else q.waiting)
+            unacked.set(math.nan if q.error or q.unacked_error else q.unacked)
             latency.set(math.nan if q.latency_s is None else q.latency_s)
+            if q.error or q.unacked_error or q.latency_error:
+                self._count_problems(q)
+
+    def _count_problems(self, q: QueueStats) -> None:
+        for problem, why in (
+            ("unreadable", q.error), ("unacked_unknown", q.unacked_error), ("latency_unknown", q.latency_error)
+        ):
+            if why is not None:
+                self.queue_read_problems.labels(q.name, problem).inc()
 
     def _queue_children(self, queue: str) -> tuple[Gauge, Gauge, Gauge]:
         # labels() hashes and locks on every call; with 1,000 queues per tick that is a third of the tick.

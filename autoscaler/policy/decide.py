@@ -174,13 +174,26 @@ def metric_value(pool: PoolPolicy, observation: Observation) -> tuple[float | No
     missing = wanted - {q.name for q in stats}
     if missing:
         return None, f"no reading for queue(s) {', '.join(sorted(missing))}"
+    # A queue the source could not read (a key of the wrong type) holds only the pools that use it.
+    unreadable = [q.error for q in stats if q.error is not None]
+    if unreadable:
+        return None, "; ".join(unreadable)
     if pool.metric is Metric.WAITING:
         return _finite(float(sum(q.waiting for q in stats)), "waiting")
     if pool.metric is Metric.WAITING_UNACKED:
+        no_unacked = [q.unacked_error for q in stats if q.unacked_error is not None]
+        if no_unacked:
+            return None, f"unacked unknown ({no_unacked[0]})"
         return _finite(float(sum(q.waiting + q.unacked for q in stats)), "waiting + unacked")
-    unknown = [q.name for q in stats if q.latency_s is None]
+    unknown = [q for q in stats if q.latency_s is None]
     if unknown:
-        return None, f"latency unknown for {', '.join(unknown)} (messages carry no publish-time stamp)"
+        if all(q.latency_error is None for q in unknown):
+            names = ", ".join(q.name for q in unknown)
+            return None, f"latency unknown for {names} (messages carry no publish-time stamp)"
+        return None, "; ".join(
+            f"latency unknown for {q.name} ({q.latency_error or 'messages carry no publish-time stamp'})"
+            for q in unknown
+        )
     return _finite(max((q.latency_s or 0.0) for q in stats), "latency")
 
 

@@ -10,11 +10,19 @@ It reads kombu's Redis transport storage directly, with one Lua script per tick 
   Celery's default direct routing, so custom exchanges routing by other keys are not attributed;
 * latency = now - the publish stamp (`autoscaler.celery`) of the oldest waiting message.
 
-Malformed data, decided once here: a key of the wrong Redis type under a queue name or the unacked key
-fails the read with a SourceError naming the key and its type (the numbers would be wrong, and the loop
-then holds every pool and says why). Unparsable entries in the unacked hash are skipped and logged as a
-warning with their count: one bad entry must not stop scaling. An oldest message without a (numeric)
-stamp makes that queue's latency unknown (None), never 0.
+Malformed or hostile data, decided once here, never failing the whole read (any broker client can write
+these keys): a key of the wrong Redis type under a queue name makes that queue unreadable
+(`QueueStats.error` names the key and its type: only the pools using that queue hold); a wrong-typed
+unacked key makes only `unacked` unknown (`unacked_error`: pools on waiting_unacked hold). Unparsable
+entries in the unacked hash are skipped and logged as a warning with their count: one bad entry must not
+stop scaling. An oldest message without a (numeric) stamp makes that queue's latency unknown (None), never 0.
+
+What one read copies inside Redis is bounded (issue 17, item 5). No Redis command gives a list element's or
+a hash field name's size without copying it, so the script asks MEMORY USAGE first: a list's oldest message
+is copied for its stamp only when the whole list is at most `stamp_list_bytes`, or at most
+`stamp_entry_bytes` per message on average; else that queue's latency is unknown and `latency_error` says
+"oldest message too large to read". Unacked field names and values are copied within `broker.unacked_bytes`
+(see the script for the exact bound).
 """
 
 from __future__ import annotations
@@ -67,6 +75,12 @@ DEFAULT_BACKOFF_INITIAL_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 1.0
 # No new try starts after this long; worst case per tick is this plus one timed-out try.
 DEFAULT_RETRY_BUDGET_S = 4.0
+# A list's oldest message is copied (for its publish stamp) only if the whole list takes at most this many
+# bytes, or at most DEFAULT_STAMP_ENTRY_BYTES per message on average. Copying costs Redis about 1 ms per MB
+# (reply buffer, Lua string, stamp search): 1 MiB keeps a read of a few such lists within ~5 ms, and a
+# Celery message averaging above 64 KiB is far from the usual 1-10 KB.
+DEFAULT_STAMP_LIST_BYTES = 1 << 20
+DEFAULT_STAMP_ENTRY_BYTES = 64 << 10
 
 # Transient: the broker restarts, fails over, or the network blips.
 RETRYABLE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
@@ -75,8 +89,8 @@ NON_RETRYABLE_ERRORS: tuple[type[Exception], ...] = (redis.AuthenticationError,)
 
 _SCRIPT_RESOURCE = "celery_redis.lua"
 _REDACTED = "***"
-_HEADER_FIELDS = 4  # "ok", hlen, read, unparsed
-_QUEUE_FIELDS = 3  # waiting, unacked in read, oldest stamp
+_HEADER_FIELDS = 6  # "ok", hlen, read, unparsed, bytes copied, unacked problem
+_QUEUE_FIELDS = 4  # waiting, unacked in read, oldest stamp, problem
 
 
 def redact_url(url: str) -> str:
@@ -139,6 +153,8 @@ class CeleryRedisSource:
         backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
         retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        stamp_list_bytes: int = DEFAULT_STAMP_LIST_BYTES,
+        stamp_entry_bytes: int = DEFAULT_STAMP_ENTRY_BYTES,
     ) -> None:
         if client is None and url is None:
             raise ValueError("CeleryRedisSource needs a `url` or a `client`")
@@ -163,6 +179,10 @@ class CeleryRedisSource:
             reraise=True,
         )
         self._plan: _Plan | None = None
+        self._stamp_bytes = (stamp_list_bytes, stamp_entry_bytes)
+        # Bytes of messages, field names and values the last read copied inside Redis (for tests and benches).
+        self.last_copied_bytes = 0
+        self._warned: set[str] = set()  # problems already logged, so a lasting one is logged once
 
     @staticmethod
     def _connect(url: str, timeout_s: float) -> redis.Redis:
@@ -218,7 +238,8 @@ class CeleryRedisSource:
         # kombu writes the routing key with json.dumps (ASCII-escaped); compare in that form.
         escaped = [json.dumps(name)[1:-1] for name in names]
         args: list[str | int] = [
-            len(suffixes), b.unacked_sample, json.dumps(PUBLISHED_AT_HEADER), b.unacked_bytes, *escaped
+            len(suffixes), b.unacked_sample, json.dumps(PUBLISHED_AT_HEADER), b.unacked_bytes, *self._stamp_bytes,
+            *escaped,
         ]
         self._plan = _Plan(queues=names, keys=keys, args=args, key_queue=key_queue)
         return self._plan
@@ -254,15 +275,14 @@ class CeleryRedisSource:
 
     def _parse(self, plan: _Plan, reply: list[Any], now: float) -> dict[str, QueueStats]:
         status = _text(reply[0])
-        if status == "wrongtype":
-            raise self._wrongtype(plan, reply)
         expected = _HEADER_FIELDS + _QUEUE_FIELDS * len(plan.queues)
         if status != "ok" or len(reply) != expected:
             raise SourceError(
                 f"unexpected reply from the queue-read script at {self._where}: "
                 f"status {status!r}, {len(reply)} fields where {expected} were expected"
             )
-        hlen, read, unparsed = int(reply[1]), int(reply[2]), int(reply[3])
+        hlen, read, unparsed, copied = (int(v) for v in reply[1:5])
+        self.last_copied_bytes = copied
         if unparsed:
             logger.warning(
                 "{} of {} entries read from the unacked hash {!r} at {} are not kombu entries; not counted",
@@ -271,27 +291,65 @@ class CeleryRedisSource:
                 self._broker.key_prefix + self._broker.unacked_key,
                 self._where,
             )
+        unacked_error = self._problem(plan, reply[5], "unacked")
         scale = hlen / read if read else 0.0
         stats: dict[str, QueueStats] = {}
+        problems = [] if unacked_error is None else [unacked_error]
         for i, name in enumerate(plan.queues):
             at = _HEADER_FIELDS + i * _QUEUE_FIELDS
-            waiting, unacked, stamp = reply[at : at + _QUEUE_FIELDS]
-            stats[name] = QueueStats(
-                name=name,
-                waiting=int(waiting),
-                unacked=round(int(unacked) * scale),
-                latency_s=_latency(int(waiting), stamp, now),
-            )
+            waiting, unacked, stamp, problem = reply[at : at + _QUEUE_FIELDS]
+            why = self._problem(plan, problem, "latency")
+            if why is not None and _text(problem[0]) == "wrongtype":
+                stats[name] = QueueStats(name, 0, 0, None, error=why, unacked_error=unacked_error)
+            else:
+                stats[name] = QueueStats(
+                    name=name,
+                    waiting=int(waiting),
+                    unacked=round(int(unacked) * scale),
+                    latency_s=_latency(int(waiting), stamp, now),
+                    unacked_error=unacked_error,
+                    latency_error=why,
+                )
+            if why is not None:
+                problems.append(why)
+        self._warn_once(problems)
         return stats
 
-    def _wrongtype(self, plan: _Plan, reply: list[Any]) -> SourceError:
-        key, actual, expected = (_text(v) for v in reply[1:4])
+    def _problem(self, plan: _Plan, problem: Any, what: str) -> str | None:
+        """The script's {kind, key, ...} for one key as a sentence naming the key, or None for no problem."""
+        if not isinstance(problem, list) or len(problem) < 3:
+            return None
+        kind, key = _text(problem[0]), _text(problem[1])
         queue = plan.key_queue.get(key)
-        what = f"the key of queue {queue!r}" if queue is not None else "the unacked hash (broker.unacked_key)"
-        return SourceError(
-            f"Redis key {key!r} at {self._where} holds a {actual}, not a {expected}: it is {what}, "
-            f"which kombu keeps as a {expected}; something else wrote to it"
+        role = f"the key of queue {queue!r}" if queue is not None else "the unacked hash (broker.unacked_key)"
+        expected = "list" if queue is not None else "hash"
+        if kind == "wrongtype":
+            unknown = f"queue {queue!r} cannot be read" if queue is not None else "unacked is unknown"
+            return (
+                f"Redis key {key!r} at {self._where} holds a {_text(problem[2])}, not a {expected}: it is {role}, "
+                f"which kombu keeps as a {expected}; something else wrote to it, and {unknown} until it is fixed"
+            )
+        if kind == "toolarge" and len(problem) >= 4:
+            size, entries = int(problem[2]), int(problem[3])
+            if what == "latency":
+                return (
+                    f"oldest message too large to read: Redis key {key!r} at {self._where} holds "
+                    f"{size:,} bytes in {entries:,} message(s), above {self._stamp_bytes[0]:,} in all and "
+                    f"{self._stamp_bytes[1]:,} per message on average"
+                )
+            return (
+                f"unacked entries too large to sample: Redis key {key!r} at {self._where} holds {size:,} bytes "
+                f"in {entries:,} entries, and broker.unacked_bytes is {self._broker.unacked_bytes:,}"
+            )
+        return f"cannot bound the size of Redis key {key!r} at {self._where} ({role}): MEMORY USAGE failed: " + (
+            _text(problem[2])
         )
+
+    def _warn_once(self, problems: list[str]) -> None:
+        for problem in problems:
+            if problem not in self._warned:
+                logger.warning("queue read: {}", problem)
+        self._warned = set(problems)
 
 
 def _latency(waiting: int, stamp: object, now: float) -> float | None:
