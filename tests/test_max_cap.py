@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from autoscaler.backends.base import TargetStatus
 from autoscaler.backends.swarm import SwarmBackend, count_tasks
+from autoscaler.backends.swarm_drain import drain_spec
 from autoscaler.gate import gate
 from autoscaler.policy.decide import decide
 from autoscaler.policy.load import PolicyError, parse_policy
@@ -136,6 +137,17 @@ def test_serving_plus_draining_never_exceeds_max_plus_surge(
             assert f"surge {surge}" in decision.reason or decision.direction is not Direction.UP
 
 
+@given(max_=st.integers(0, 50), surge=st.integers(0, 10), final=st.integers(0, 60), alive=st.integers(0, 60))
+def test_a_drain_never_writes_a_spec_past_max_plus_surge(max_: int, surge: int, final: int, alive: int) -> None:
+    policy = PoolPolicy.model_validate({
+        "name": "p", "target": {"swarm": {"service": "s"}}, "queues": ["q"], "min": 0, "max": max_, "surge": surge,
+        "per_replica": {"value": 1},
+    })
+    spec = drain_spec(policy, final, alive)
+    assert spec <= max_ + min(surge, alive)
+    assert spec == final + alive or spec == max_ + min(surge, alive)  # as asked, unless that passes the cap
+
+
 # -- Swarm: the spec during a drain ---------------------------------------------------------------------
 
 
@@ -174,7 +186,7 @@ class ScriptedSwarm:
                 "TaskTemplate": {"ContainerSpec": {}},
             }}
 
-    def tasks(self, filters: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: ARG002 - one service
+    def tasks(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
         if self.fixed_tasks is not None:
             return self.fixed_tasks
         with self.lock:
@@ -184,7 +196,7 @@ class ScriptedSwarm:
     def _url(self, _template: str, _service: str) -> str:
         return "/services/svc/update"
 
-    def _post_json(self, _url: str, *, data: dict[str, Any], params: dict[str, Any]) -> None:  # noqa: ARG002
+    def _post_json(self, _url: str, *, data: dict[str, Any], params: dict[str, Any]) -> None:
         with self.lock:
             self.spec = data["Mode"]["Replicated"]["Replicas"]
             self.specs.append(self.spec)
@@ -251,19 +263,22 @@ def test_the_swarm_spec_never_exceeds_max_plus_surge_during_a_drain(surge: int |
         backend.scale(policy, current=5, desired=10)  # defence in depth: asked for more than the cap
         watcher_steps(engine)
         assert max(engine.specs) <= 10 + surge, engine.specs
-        # What the loop sees, and decides, meanwhile: 5 serving, 5 draining; a scale-up only into the surge.
+        # What the loop sees, and decides, meanwhile: 5 (+ surge) serving, 5 draining: a hold that says why.
         status = backend.status(policy)
-        assert (status.running, status.draining) == (5, 5)
-        held = decide(policy, observe(500, current=5, draining=5), PoolState(), NOW)
-        assert held.desired == 5 + surge and "5 draining count toward max 10" in held.reason
+        assert (status.running, status.draining) == (5 + surge, 5)
+        held = decide(policy, observe(500, current=status.running, draining=status.draining), PoolState(), NOW)
+        assert held.direction is Direction.HOLD and "5 draining count toward max 10" in held.reason
         for node in engine.shutdowns[:3]:
             engine.exit(node)
         watcher_steps(engine)
-        assert engine.spec == 10 and max(engine.specs) <= 10 + surge, engine.specs
+        assert engine.spec == 10 + min(surge, 2) and max(engine.specs) <= 10 + surge, engine.specs
         for node in engine.shutdowns[3:]:
             engine.exit(node)
-        watcher_steps(engine)
-        assert engine.spec == 10 and backend._drainer is not None and backend._drainer.final("fast") is None
+        deadline = time.monotonic() + 10
+        while backend._drainer.final("fast") is not None:
+            assert time.monotonic() < deadline, "the drain did not end"
+            time.sleep(0.01)
+        assert engine.spec == 10 and max(engine.specs) <= 10 + surge, engine.specs
     finally:
         backend.close()
 
@@ -293,6 +308,6 @@ def test_lowering_a_spec_nothing_runs_under_is_done_at_once_not_after_the_start_
 def test_a_scale_up_above_the_spec_still_waits_for_starting_tasks() -> None:
     counts = count_tasks([{"DesiredState": "running", "CreatedAt": "", "Status": {"State": "pending"}}] * 3, now=NOW)
     status = TargetStatus(running=2, ready=not counts.starting, wanted=5, detail="3 starting")
-    raised = gate(decide(pool(max_=10, swarm=True), Observation((QueueStats("fast", 500),), current=2), PoolState(), NOW),
-                  status)
+    more = decide(pool(max_=10, swarm=True), Observation((QueueStats("fast", 500),), current=2), PoolState(), NOW)
+    raised = gate(more, status)
     assert raised.direction is Direction.HOLD and "waiting: 3 starting" in raised.reason

@@ -12,6 +12,7 @@ import pytest
 import redis
 from dockertest import publish
 
+from autoscaler.backends.base import BackendError
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.compose_model import PRESENT_STATES
 from autoscaler.backends.docker_client import DockerConnection
@@ -57,13 +58,17 @@ def test_busy_victims_count_toward_max_while_the_queue_swings(compose_project: P
         assert backend.status(policy.pools[0]).running == 4
         swing(0)  # 4 -> 1: three busy victims, each stopping for up to 60 s
         status = backend.status(policy.pools[0])
-        assert status.running == 1 and "3 draining" in status.detail, status.detail
+        assert (status.running, status.draining) == (1, 3), status.detail
         for depth in (200, 0, 500, 5, 300):
             reason = swing(depth)
             if depth > 100:
                 assert "3 draining count toward max 4" in reason, reason
         report = controller.tick().pools[0]
         assert report.decision.direction is Direction.HOLD and report.action is None, "the cap is a hold, not an error"
+        # Asked directly (the decision would not ask), the backend itself refuses to pass max.
+        with pytest.raises(BackendError, match=r"4 containers exist \(3 draining\), max is 4"):
+            backend.scale(policy.pools[0], current=1, desired=4)
+        assert counted() == 4
     finally:
         backend.close()
         source.close()
