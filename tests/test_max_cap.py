@@ -19,12 +19,18 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from autoscaler.backends.base import TargetStatus
+from autoscaler.backends.memory import MemoryBackend
 from autoscaler.backends.swarm import SwarmBackend, count_tasks
 from autoscaler.backends.swarm_drain import drain_spec
 from autoscaler.gate import gate
+from autoscaler.loop import Controller
+from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.load import PolicyError, parse_policy
-from autoscaler.policy.model import MAX_REPLICAS, PoolPolicy
+from autoscaler.policy.model import MAX_REPLICAS, BrokerOptions, Policy, PoolPolicy
+from autoscaler.policy.watch import FixedPolicy
+from autoscaler.sources.celery_redis import CeleryRedisSource
+from autoscaler.state_store import MemoryStateStore
 from autoscaler.types import Direction, Observation, PoolState, QueueStats
 
 NOW = 1_796_132_400.0  # 2026-12-01T13:40:00Z
@@ -311,3 +317,37 @@ def test_a_scale_up_above_the_spec_still_waits_for_starting_tasks() -> None:
     more = decide(pool(max_=10, swarm=True), Observation((QueueStats("fast", 500),), current=2), PoolState(), NOW)
     raised = gate(more, status)
     assert raised.direction is Direction.HOLD and "waiting: 3 starting" in raised.reason
+
+
+# -- the loop: a replica replaced for being unhealthy drains like a victim --------------------------------
+
+
+class OneUnhealthy(MemoryBackend):
+    """A pool at max whose backend drains one unhealthy replica (as ComposeBackend.replace_unhealthy does)."""
+
+    def replace_unhealthy(self, pool: PoolPolicy) -> int:
+        self.replicas[pool.target.service] -= 1
+        return 1
+
+    def status(self, pool: PoolPolicy) -> TargetStatus:
+        return TargetStatus(running=self.replicas[pool.target.service] + 1)  # still counts it as running
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("surge", "desired"), [(0, 3), (1, 4)])
+def test_the_replacement_of_an_unhealthy_replica_waits_for_it_unless_surge_allows(
+    redis_url: str, surge: int, desired: int
+) -> None:
+    policy = Policy.model_validate({"interval": 1, "pools": {"fast": {
+        "target": {"compose": {"service": "worker"}}, "queues": ["fast"], "min": 4, "max": 4, "surge": surge,
+        "tiers": [{"below": 10, "replicas": 4}],
+    }}})
+    backend = OneUnhealthy({"worker": 3})
+    source = CeleryRedisSource(url=redis_url, broker=BrokerOptions())
+    controller = Controller(policies=FixedPolicy(policy), source=source, backend=backend, store=MemoryStateStore(),
+                            metrics=Metrics())
+    decision = controller.tick().pools[0].decision
+    assert (decision.current, decision.desired) == (3, desired), decision.reason
+    assert ("1 draining count toward max 4" in decision.reason) == (surge == 0)
+    assert ("surge 1" in decision.reason) == (surge == 1)
+    source.close()
