@@ -1,8 +1,9 @@
 """Whether a decision may be carried out now, given what the backend sees of the target. Pure.
 
 A scale-up waits while an earlier one is still starting (the count is about to change); a scale-down waits
-only where the backend says so (Compose, while its own creates are in flight; Swarm never). A count the
-platform was already asked for (Swarm's replica spec) is not asked for again. Tasks the platform cannot
+only where the backend says so (Compose, while its own creates are in flight; Swarm never), and never when
+it lowers the count the platform was asked for (Swarm's spec). A count the platform was already asked for is
+not asked for again. Tasks the platform cannot
 place are said in the reason, whatever the decision.
 """
 
@@ -31,7 +32,10 @@ def gate(decision: Decision, status: TargetStatus | None) -> Decision:
                 "" if status.unplaceable else f" ({status.detail})"
             ),
         )
-    allowed = status.ready if direction is Direction.UP else status.may_scale_down
+    # Below the count the platform was asked for (a Swarm spec above what runs: tasks not placed or not started
+    # yet), the "scale-up" lowers that count: nothing running is taken away, so it is never waited for.
+    lowering = status.wanted is not None and decision.desired is not None and decision.desired < status.wanted
+    allowed = (status.ready or lowering) if direction is Direction.UP else status.may_scale_down
     if allowed:
         return decision
     # Holding: a repair (or any action) that did not happen must not be remembered as one.

@@ -250,7 +250,10 @@ class Controller:
         except BackendError as exc:
             self._report_backend_error(pool, exc)
             return status
-        return replace(status, running=max(0, status.running - replaced)) if replaced else status
+        if not replaced:
+            return status
+        # Drained like scale-down victims: no longer capacity, still running (counted toward max) until stopped.
+        return replace(status, running=max(0, status.running - replaced), draining=status.draining + replaced)
 
     def _report_backend_error(self, pool: PoolPolicy, exc: BackendError) -> None:
         log = logger.bind(pool=pool.name, error=str(exc))
@@ -305,6 +308,7 @@ class Controller:
             current=status.running if status is not None else None,
             metric_error=metric_error,
             backend_error=backend_error,
+            draining=status.draining if status is not None else 0,
         )
         decision = decide(pool, observation, self.states.get(pool.name, PoolState()), now)
         decision = gate(decision, status)

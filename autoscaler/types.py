@@ -52,13 +52,15 @@ class Observation:
     """Everything the decision for one pool may look at in one tick.
 
     `metric_error` is set when the metric source failed; `current` is None when the backend could not
-    say how many replicas run (then `backend_error` says why).
+    say how many replicas run (then `backend_error` says why). `draining` counts replicas being stopped: not
+    capacity (not in `current`), but still running, so they count toward the pool's `max`.
     """
 
     queues: tuple[QueueStats, ...]
     current: int | None
     metric_error: str | None = None
     backend_error: str | None = None
+    draining: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ from typing import Any, cast
 import redis
 from loguru import logger
 
-from autoscaler.backends.base import Backend, BackendError
+from autoscaler.backends.base import Backend, BackendError, TargetStatus
+from autoscaler.gate import gate
 from autoscaler.leader import Fence, LeaderLock
 from autoscaler.loop import Controller, run_forever
 from autoscaler.observability.http import HealthServer
@@ -228,18 +229,21 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
     now = time.time()
     pools: list[dict[str, Any]] = []
     for pool in policy.pools:
-        current: int | None = None
+        status: TargetStatus | None = None
         backend_error: str | None = None
         if backend is not None:
             try:
-                current = backend.status(pool).running
+                status = backend.status(pool)
             except BackendError as exc:
                 backend_error = str(exc)
         else:
             backend_error = "no backend"
+        current = None if status is None else status.running
         stats = tuple(queues[q] for q in pool.queues if q in queues)
-        observation = Observation(stats, current, metric_error=metric_error, backend_error=backend_error)
-        decision = decide(pool, observation, states.get(pool.name, PoolState()), now)
+        observation = Observation(stats, current, metric_error=metric_error, backend_error=backend_error,
+                                  draining=0 if status is None else status.draining)
+        # Gated as a tick is: what `status` says a pool would do is what the controller does.
+        decision = gate(decide(pool, observation, states.get(pool.name, PoolState()), now), status)
         pools.append(
             {
                 "name": pool.name,

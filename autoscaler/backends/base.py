@@ -38,7 +38,9 @@ class TargetStatus:
     scale-up is still in flight (containers starting); the loop then holds a scale-up instead of acting on a
     count that is about to change. `down_ready` says the same for a scale-down (None: as `ready`; Swarm
     always allows one). `wanted` is the count the platform was asked for when it keeps its own (Swarm's
-    replica spec), `unplaceable` the replicas it cannot place (with the reason in `detail`).
+    replica spec), `unplaceable` the replicas it cannot place (with the reason in `detail`). `draining` counts
+    the replicas being stopped that still run (a warm shutdown lasts up to the pool's stop_timeout): not in
+    `running`, but counted toward `max`.
     """
 
     running: int
@@ -47,6 +49,7 @@ class TargetStatus:
     down_ready: bool | None = None
     wanted: int | None = None
     unplaceable: int = 0
+    draining: int = 0
 
     @property
     def may_scale_down(self) -> bool:

@@ -130,9 +130,9 @@ class ComposeBackend:
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
         # Only our own creates hold the pool. Draining replicas are already left out of `running`, so a tick
         # during a long warm shutdown neither stops another victim nor re-creates one, and a burst that
-        # arrives meanwhile still scales up at once. Replicas still in their healthcheck's start period are
-        # reported, not waited for: the policy's up-cooldown is the warm-up knob, and a start period of
-        # a minute must not freeze the pool in both directions.
+        # arrives meanwhile still scales up at once, as far as max allows (victims count toward it). Replicas
+        # still in their healthcheck's start period are reported, not waited for: the policy's up-cooldown is
+        # the warm-up knob, and a start period of a minute must not freeze the pool in both directions.
         ready = not starting and not pending
         detail = describe_replicas(
             running=len(running), unhealthy_yet=unhealthy_yet, starting=max(starting, len(pending)),
@@ -141,7 +141,9 @@ class ComposeBackend:
         backing_off = self._backoff.blocked(pool.name, self._clock())
         if backing_off:
             detail += f"; {backing_off}"
-        return TargetStatus(running=len(running), ready=ready, detail=f"{target}: {detail}")
+        # Victims in their warm shutdown still run: not capacity, but counted toward max (the decision caps).
+        stopping = sum(1 for r in replicas if r.id in draining and r.state in PRESENT_STATES)
+        return TargetStatus(running=len(running), ready=ready, detail=f"{target}: {detail}", draining=stopping)
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
         target = self._target(pool)
@@ -161,14 +163,19 @@ class ComposeBackend:
 
         Replicas that are restarting, paused or just created count as capacity on their way (a crash loop
         with `restart: unless-stopped` is "restarting", never running), and every container that exists
-        and is not stopped counts against `max`, whatever its state: the autoscaler never has more than
-        `max` of a pool. A pool whose last scale-ups kept failing backs off (StartBackoff).
+        and is not stopped counts against `max`, whatever its state, victims still draining included: the
+        autoscaler never has more than `max` of a pool (`max + surge` while victims drain). The decision caps
+        first; this is the backend refusing even if asked. A pool whose last scale-ups kept failing backs off
+        (StartBackoff).
         """
         blocked = self._backoff.blocked(pool.name, self._clock())
         if blocked:
             raise BackendError(f"{target}: {blocked}")
         draining, _ = self._in_flight(pool)
+        stopping = [r for r in replicas if r.id in draining and r.state in PRESENT_STATES]
         present = [r for r in replicas if r.id not in draining and r.state in PRESENT_STATES]
+        # How many the other containers may number: victims still run, and only they make room for `surge`.
+        allowed = pool.max + min(pool.surge, len(stopping)) - len(stopping)
         live = [r for r in present if r.state == "running"]
         now = self._clock()
         # An old `created` container that is not ours is the operator's: counted against max, not as coming.
@@ -176,13 +183,16 @@ class ComposeBackend:
             r for r in present
             if r.state in ("restarting", "paused") or (r.state == "created" and now - r.created < self._created_grace)
         ]
-        count = min(desired - len(live) - len(coming), pool.max - len(present))
+        count = min(desired - len(live) - len(coming), allowed - len(present))
         if count <= 0:
+            drains = f" ({len(stopping)} draining)" if stopping else ""
+            surge = f" + surge {pool.surge}" if pool.surge and stopping else ""
             raise BackendError(
                 f"{target}: {len(coming)} replica(s) restarting or starting ({', '.join(r.name for r in coming[:3])}) "
                 f"already make up the {desired - len(live)} wanted; not creating more"
-                if coming
-                else f"{target}: {len(present)} containers exist, max is {pool.max}; not creating more"
+                if coming and desired - len(live) - len(coming) <= 0
+                else f"{target}: {len(present) + len(stopping)} containers exist{drains}, max is {pool.max}{surge}; "
+                "not creating more"
             )
         return count
 

@@ -35,6 +35,7 @@ _OUT_OF_SEQUENCE = "update out of sequence"
 # Task states before "running" (https://docs.docker.com/engine/swarm/how-swarm-mode-works/swarm-task-states/).
 _STARTING_STATES = frozenset({"new", "pending", "assigned", "accepted", "ready", "preparing", "starting"})
 _FAILED_STATES = frozenset({"failed", "rejected", "orphaned"})
+_ALIVE_STATES = _STARTING_STATES | {"running"}
 # A scale-up waits this long at most for tasks that are still starting (image pulls included); a task not
 # placed or started by then no longer holds the pool, and is reported as unplaceable.
 START_BOUND = 120.0
@@ -77,7 +78,7 @@ def count_tasks(
                 reasons.append(error or f"{state} for {age:.0f}s")
             else:
                 starting += 1
-        elif desired != "running" and state in (_STARTING_STATES | {"running"}):
+        elif desired != "running" and state in _ALIVE_STATES:
             stopping += 1
     reason = max(set(reasons), key=reasons.count) if reasons else ""
     return TaskCounts(running, starting, stopping, failed, unplaceable, reason)
@@ -123,12 +124,16 @@ class SwarmBackend:
         counts = count_tasks(
             [t for t in tasks if str(t.get("ID")) not in draining], now=now, start_bound=self._start_bound
         )
+        # Victims in their warm shutdown and tasks Swarm is stopping still run: not capacity, counted toward max.
+        still_running = sum(1 for t in in_shutdown if str((t.get("Status") or {}).get("State", "")) in _ALIVE_STATES)
+        stopping = counts.stopping + still_running
         counts = replace(counts, stopping=counts.stopping + len(in_shutdown))
         update = info.get("UpdateStatus") or {}
         updating = str(update.get("State", "")) in ("updating", "rollback_started") and (
             now - docker_time(update.get("StartedAt"), default=now) < self._start_bound
         )
-        # During a drain the spec is `final` + victims still running: what the pool was asked for is `final`.
+        # During a drain the spec is `final` + victims still running (within max + surge): the pool was asked
+        # for `final`.
         final = self._drainer.final(pool.name) if self._drainer is not None else None
         return TargetStatus(
             running=counts.running,
@@ -137,6 +142,7 @@ class SwarmBackend:
             wanted=wanted if final is None else final,
             unplaceable=counts.unplaceable,
             detail=_detail(name, wanted, counts, updating=updating),
+            draining=stopping,
         )
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:

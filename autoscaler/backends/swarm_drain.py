@@ -5,7 +5,8 @@ with the service's stop_grace_period: it removed busy workers while idle ones st
 the grace is killed. So the count is not lowered first. The victims are chosen among the running tasks,
 idle Celery workers first (newest first among equals), and asked for a warm shutdown over Celery's remote
 control: each stops consuming, finishes what it runs, however long, and exits 0. A watcher then keeps the
-replica count at `final + victims still running`, so each exited victim's slot is removed as soon as it is
+replica count at `final + victims still running` (never above `max`, + `surge`: victims count toward it, see
+`drain_spec`), so each exited victim's slot is removed as soon as it is
 seen (every half second): Swarm removes slots whose task is not running before running ones (swarmkit's
 replicated orchestrator, for equal node balance), and its restart delay (5 s by default) keeps the slot
 empty until then. A scale decided during a drain moves `final`; the same rule then raises or lowers the count.
@@ -34,7 +35,7 @@ from loguru import logger
 from autoscaler.backends.base import BackendError, LeaseLostError
 from autoscaler.policy.model import PoolPolicy
 
-__all__ = ["POLL", "SwarmDrainer", "WorkerControl", "choose_victims", "task_hostname"]
+__all__ = ["POLL", "SwarmDrainer", "WorkerControl", "choose_victims", "drain_spec", "task_hostname"]
 
 POLL = 0.5
 MAX_BACKOFF = 10.0
@@ -315,13 +316,19 @@ class SwarmDrainer:
         if nodes and now - drain.sent >= RESEND_EVERY:
             self._shutdown(drain.pool, nodes)
             drain.sent = now
-        self._set_replicas(drain.pool, final + len(alive))
+        self._set_replicas(drain.pool, drain_spec(drain.pool, final, len(alive)))
         with self._lock:
             # A decision taken while the count was being written moves `final`: not done, apply it next time.
             if not alive and drain.final == final:
                 drain.done.set()
                 return True
         return False
+
+
+def drain_spec(pool: PoolPolicy, final: int, alive: int) -> int:
+    """The replica count while `alive` victims still run: `final` plus them, but never past `max` (+ `surge`, only
+    while victims drain). A scale-up decided meanwhile gets its tasks as victims exit, not on top of them."""
+    return min(final + alive, pool.max + min(pool.surge, alive))
 
 
 def _spec_hostname(service: dict[str, Any]) -> str:

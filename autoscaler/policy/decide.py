@@ -13,6 +13,7 @@ One decision, in order::
       below current: stabilized (highest recommendation over `stabilization`) -> scale-in paused?
                      -> down-cooldown -> step limit
       equal: hold
+    last, any scale-up: replicas still draining count toward max; past max (+ surge) ─> capped (hold, or less)
 
 Cooldowns: a scale-up waits `cooldown.up` after the previous scale-up only, so a scale-up during a
 scale-down cooldown acts at once; a scale-down waits `cooldown.down` after any action, so a pool that
@@ -37,6 +38,34 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     The state does not record the action itself: the caller does that with `PoolState.after_action`
     once the backend has actually scaled, so a failed or dry-run action starts no cooldown.
     """
+    return _capped(pool, observation.draining, _decide(pool, observation, state, now))
+
+
+def _capped(pool: PoolPolicy, draining: int, decision: Decision) -> Decision:
+    """A scale-up limited so that the replicas being stopped, which still run, keep the pool within `max`
+    (+ `surge`, allowed only while they drain): a hold, or a smaller scale-up, that says so."""
+    current, desired = decision.current, decision.desired
+    if draining <= 0 or current is None or desired is None or desired <= current:
+        return decision
+    surge = f" + surge {pool.surge}" if pool.surge else ""
+    room = pool.max + pool.surge - draining
+    if desired > room:
+        capped = max(current, room)
+        why = f"{decision.reason}; {draining} draining count toward max {pool.max}{surge}"
+        if capped == current:
+            # Not done, so not remembered as a repair: the count comes back once the victims are gone.
+            details = {k: v for k, v in decision.details.items() if k != "repair"}
+            return replace(decision, desired=current, reason=f"{why}: holding at {current}", details=details)
+        return replace(decision, desired=capped, reason=f"{why}: scaling to {capped}")
+    if desired + draining > pool.max:
+        return replace(decision, reason=(
+            f"{decision.reason}; surge {pool.surge}: {desired + draining - pool.max} above max {pool.max} while "
+            f"{draining} drain"
+        ))
+    return decision
+
+
+def _decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: float) -> Decision:
     current = observation.current
     # A clock that went back (a new leader on another host) or a poisoned record must not freeze cooldowns.
     state = state.clamped(now)

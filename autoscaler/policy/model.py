@@ -230,6 +230,10 @@ class PoolPolicy(_Strict):
     queues: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     min: int = Field(ge=0, le=MAX_REPLICAS)
     max: int = Field(ge=0, le=MAX_REPLICAS)
+    surge: int = Field(
+        default=0, ge=0, le=MAX_REPLICAS,
+        description="replicas allowed above max only while others are being stopped (they count toward max)",
+    )
     metric: Metric = Metric.WAITING
     tiers: list[Tier] | None = Field(default=None, min_length=1)
     per_replica: PerReplica | None = None

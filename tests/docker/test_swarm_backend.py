@@ -257,3 +257,31 @@ def test_a_pool_with_tasks_no_node_can_take_scales_down_when_the_queue_empties(
     assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
     settle(backend, pool, 2)
     assert backend.status(pool).unplaceable == 0
+
+
+@pytest.mark.redis
+def test_a_spec_with_nothing_placeable_is_lowered_to_min_at_once(
+    services: Any, backend: SwarmBackend, redis_url: str
+) -> None:
+    """Trust boundaries III, 11: spec 10, a placement constraint no node meets, an empty queue, min 2. Going from
+    0 running to 2 read as a scale-up and waited out the 2-minute start bound (spec 10 at +100 s, 2 at +140 s)
+    while the log line said desired=0. The first tick lowers the spec."""
+    service = services(
+        labels={"autoscaler.pool": "swarmnowhere"}, mode=ServiceMode("replicated", replicas=10),
+        constraints=["node.labels.autoscaler-test-no-such-label==1"],
+    )
+    policy = Policy.model_validate({"interval": 1, "pools": {"swarmnowhere": {
+        "target": {"swarm": {"service": service.name}}, "queues": ["nowhere"],
+        "min": 2, "max": 10, "tiers": [{"above": 100, "replicas": 10}, {"below": 10, "replicas": 2}],
+        "cooldown": {"up": "0s", "down": "0s"}, "stabilization": "0s",
+    }}})
+    wait_until(lambda: len(service.tasks()) == 10, timeout=60, what="the service's 10 tasks")
+    controller = Controller(
+        policies=FixedPolicy(policy), source=CeleryRedisSource(url=redis_url, broker=BrokerOptions()),
+        backend=backend, store=MemoryStateStore(), metrics=Metrics(),
+    )
+    report = controller.tick().pools[0]
+    assert (report.decision.current, report.decision.desired) == (0, 2), report.decision.reason
+    assert report.action is not None and report.action.ok
+    service.reload()
+    assert service.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
