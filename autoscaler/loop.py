@@ -210,11 +210,9 @@ class Controller:
             del self._unresumed[pool.name]
 
     def _with_start_backoff(self, pool: PoolPolicy, state: PoolState) -> PoolState:
-        try:
-            backoff = self.backend.start_backoff(pool)
-        except BackendError:
-            return state
-        return state if backoff == state.backoff else replace(state, backoff=backoff)
+        with suppress(BackendError):  # no backend for the pool's kind: keep what the state says
+            return replace(state, backoff=self.backend.start_backoff(pool))
+        return state
 
     def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
         try:
