@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -116,6 +117,9 @@ class Controller:
                 return TickReport(role="leader", at=started, metric_error=str(exc), policy_event=event)
             self._unresumed = {p.name: self.states[p.name].draining for p in policy.pools
                                if p.name in self.states and self.states[p.name].draining}
+            for pool in policy.pools:  # a failover must not reset a back-off: failing replicas would churn at once
+                with suppress(BackendError):  # no backend for the pool's kind: its status says so every tick
+                    self.backend.resume_start_backoff(pool, self.states.get(pool.name, PoolState()).backoff)
         self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)
@@ -204,6 +208,11 @@ class Controller:
                 )
                 continue
             del self._unresumed[pool.name]
+
+    def _with_start_backoff(self, pool: PoolPolicy, state: PoolState) -> PoolState:
+        with suppress(BackendError):  # no backend for the pool's kind: keep what the state says
+            return replace(state, backoff=self.backend.start_backoff(pool))
+        return state
 
     def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
         try:
@@ -310,7 +319,9 @@ class Controller:
             backend_error=backend_error,
             draining=status.draining if status is not None else 0,
         )
-        decision = decide(pool, observation, self.states.get(pool.name, PoolState()), now)
+        # The status may have just judged a scale-up failed: this decision already waits for its back-off.
+        state = self._with_start_backoff(pool, self.states.get(pool.name, PoolState()))
+        decision = decide(pool, observation, state, now)
         decision = gate(decision, status)
         if status is not None:
             self.metrics.pool_unplaceable.labels(pool.name).set(status.unplaceable)
@@ -330,7 +341,7 @@ class Controller:
             elif action.error:
                 # The reason says what stopped it (e.g. a back-off), in the log line and in `status`.
                 decision = replace(decision, reason=f"{decision.reason}; not done: {action.error}")
-        decision = replace(decision, state=self._with_drain_marks(pool, decision.state))
+        decision = replace(decision, state=self._with_start_backoff(pool, self._with_drain_marks(pool, decision.state)))
         self.states[pool.name] = decision.state
         self.metrics.observe_decision(decision)
         log_decision(decision, pool_queues, action)

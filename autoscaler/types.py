@@ -14,11 +14,24 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["MAX_STORED_REPLICAS", "Decision", "Direction", "Observation", "PoolState", "QueueStats"]
+__all__ = [
+    "MAX_BACKOFF",
+    "MAX_STORED_REPLICAS",
+    "Decision",
+    "Direction",
+    "Observation",
+    "PoolState",
+    "QueueStats",
+    "StartBackoffState",
+]
 
 # A stored recommendation above this is not one any policy could have made (policies cap max at 10,000).
 MAX_STORED_REPLICAS = 1_000_000
 MAX_DRAINING = 10_000
+# No start back-off is longer: a stored one that ends further ahead (clock skew, a forged record) ends this soon.
+MAX_BACKOFF = 600.0
+MAX_FAILED_ROUNDS = 10_000
+MAX_BACKOFF_WHY = 300
 _CONTAINER_ID = re.compile(r"^([0-9a-f]{12,64}|[0-9a-z]{25})$")  # a container id, or a Swarm task id
 
 
@@ -64,6 +77,68 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class StartBackoffState:
+    """A pool's back-off after scale-ups whose replicas failed to become running replicas (see
+    backends/start_backoff.py): how many failed in a row, until when the next one waits and why, and the
+    scale-up being judged (its containers and when they were created). Kept in the pool's state, so that a new
+    leader neither forgets the back-off nor the scale-up whose containers it has yet to judge.
+    """
+
+    failed_rounds: int = 0
+    until: float | None = None
+    why: str = ""
+    round_ids: tuple[str, ...] = ()
+    round_created: float | None = None
+
+    def to_dict(self) -> dict[str, Any] | None:
+        if self == StartBackoffState():
+            return None
+        return {
+            "failed_rounds": self.failed_rounds, "until": self.until, "why": self.why,
+            "round_ids": list(self.round_ids), "round_created": self.round_created,
+        }
+
+    def clamped(self, now: float) -> StartBackoffState:
+        """No back-off ends more than MAX_BACKOFF after `now`, and no scale-up was created after `now`: a time
+        ahead (clock skew, a forged record) would otherwise block scale-ups, or keep judging a round, for ever."""
+        until = None if self.until is None else min(self.until, now + MAX_BACKOFF)
+        created = None if self.round_created is None else min(self.round_created, now)
+        if (until, created) == (self.until, self.round_created):
+            return self
+        return replace(self, until=until, round_created=created)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> StartBackoffState:
+        """Parse the stored `backoff` object; ValueError naming the field on anything malformed or out of range."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError(f"backoff must be an object or null, not {raw!r:.80}")
+        why = raw.get("why", "")
+        if not isinstance(why, str) or len(why) > MAX_BACKOFF_WHY or not why.isprintable():
+            raise ValueError(f"backoff.why must be printable text of at most {MAX_BACKOFF_WHY} characters")
+        ids = raw.get("round_ids", [])
+        if not isinstance(ids, list) or len(ids) > MAX_DRAINING or not all(
+            isinstance(cid, str) and _CONTAINER_ID.match(cid) for cid in ids
+        ):
+            raise ValueError(f"backoff.round_ids must be a list of at most {MAX_DRAINING} container ids")
+        until, created = raw.get("until"), raw.get("round_created")
+        if ids and created is None:
+            raise ValueError("backoff.round_created must be set when backoff.round_ids is not empty")
+        try:
+            rounds = _count(raw.get("failed_rounds", 0), MAX_FAILED_ROUNDS)
+        except ValueError as exc:
+            raise ValueError(f"backoff.failed_rounds: {exc}") from None
+        return cls(
+            failed_rounds=rounds,
+            until=None if until is None else _finite_time(until, "backoff.until"),
+            why=why,
+            round_ids=tuple(ids),
+            round_created=None if created is None else _finite_time(created, "backoff.round_created"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PoolState:
     """What a pool remembers between ticks; persisted in Redis so a restarted controller keeps it.
 
@@ -81,6 +156,8 @@ class PoolState:
     # The count this controller last brought the pool to: a lower count seen later was made by someone else
     # (a manual scale, `compose up` re-applying the file's count, replicas that exited) and is repaired.
     target: int | None = None
+    # New replicas that keep failing at start: scale-ups wait (set by the backend, which judges them).
+    backoff: StartBackoffState = StartBackoffState()
 
     def after_action(
         self, direction: Direction, now: float, desired: int | None = None, *, repair: bool = False
@@ -108,6 +185,7 @@ class PoolState:
                 "consecutive_failures": self.consecutive_failures,
                 "draining": [list(d) for d in self.draining],
                 "target": self.target,
+                "backoff": self.backoff.to_dict(),
             },
             separators=(",", ":"),
         )
@@ -115,15 +193,17 @@ class PoolState:
     def clamped(self, now: float) -> PoolState:
         """This state with no time after `now`: a stored time in the future (clock skew between managers, or a
         forged record) would otherwise hold every cooldown for as long as it lies ahead."""
+        backoff = self.backoff.clamped(now)
         if all(t is None or t <= now for t in (self.last_scale_up, self.last_scale_down)) and all(
             t <= now for t, _ in self.recommendations
-        ):
+        ) and backoff is self.backoff:
             return self
         return replace(
             self,
             last_scale_up=None if self.last_scale_up is None else min(self.last_scale_up, now),
             last_scale_down=None if self.last_scale_down is None else min(self.last_scale_down, now),
             recommendations=tuple((min(t, now), n) for t, n in self.recommendations),
+            backoff=backoff,
         )
 
     @classmethod
@@ -157,6 +237,7 @@ class PoolState:
             consecutive_failures=_count(raw.get("consecutive_failures", 0), 2**31),
             draining=tuple(drains),
             target=None if target is None else _count(target, MAX_STORED_REPLICAS),
+            backoff=StartBackoffState.from_dict(raw.get("backoff")),
         )
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from autoscaler.backends.memory import MemoryBackend
 from autoscaler.policy.decide import decide
-from autoscaler.types import Direction, PoolState
+from autoscaler.policy.strategies import recommend
+from autoscaler.types import Direction, PoolState, StartBackoffState
 from tests.test_decide import obs, pool
 from tests.test_loop import POLICY, Clock, make_controller, publish
 
@@ -52,21 +53,6 @@ def test_a_lowered_count_that_is_what_is_wanted_anyway_is_not_a_repair_later() -
     assert later.direction is Direction.HOLD and "up-cooldown" in later.reason
 
 
-@given(
-    target=st.integers(0, 50), current=st.integers(0, 50), waiting=st.integers(0, 5000),
-    since_up=st.floats(0, 100),
-)
-def test_a_repair_never_goes_past_the_recommendation_nor_the_old_count(
-    target: int, current: int, waiting: int, since_up: float
-) -> None:
-    p = pool(cooldown={"up": "30s", "down": "5m"})
-    state = PoolState(last_scale_up=NOW - since_up, target=target)
-    decision = decide(p, obs(waiting, current), state, NOW)
-    if decision.details.get("repair"):
-        assert decision.desired is not None and decision.recommendation is not None
-        assert current < decision.desired <= min(target, decision.recommendation)
-
-
 @pytest.mark.redis
 def test_the_loop_restores_a_count_lowered_from_outside_at_the_next_tick(
     redis_url: str, tmp_path: Path
@@ -100,3 +86,74 @@ def test_a_repair_never_holds_back_a_scale_up_beyond_the_old_count() -> None:
 def test_a_paused_pool_forgets_the_count_it_had_set() -> None:
     held = decide(pool(enabled=False), obs(650, 2), PoolState(target=10), NOW)
     assert held.direction is Direction.HOLD and held.state.target is None
+
+
+# -- issue 17, item 3: inside a hold band the lowered count used to be kept for good ---------------------------
+
+# A wide hold band (10..500 waiting) in which the pool holds anything from 2 to 10.
+HOLD_BAND = [{"above": 500, "replicas": 10}, {"below": 10, "replicas": 2}]
+
+
+def test_a_replica_replaced_inside_a_tiers_hold_band_comes_back() -> None:
+    """10 running, one replaced (unhealthy) or exited: 9. The band holds whatever runs, so 9 was kept for good."""
+    p = pool(tiers=HOLD_BAND)
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    decision = decide(p, obs(50, 9), state, NOW)
+    assert (decision.direction, decision.desired, decision.details) == (Direction.UP, 10, {"repair": True})
+    assert "below the 10 this controller set" in decision.reason
+
+
+def test_a_replica_lost_inside_a_per_replica_tolerance_band_comes_back() -> None:
+    """95 waiting at 10 per replica: 9 and 10 replicas are both within the 10% band, so 9 held itself."""
+    p = pool(tiers=None, per_replica={"value": 10, "tolerance": 0.1})
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    decision = decide(p, obs(95, 9), state, NOW)
+    assert (decision.desired, decision.details) == (10, {"repair": True})
+
+
+def test_inside_a_band_that_would_shrink_the_target_only_what_is_wanted_comes_back() -> None:
+    """At 10 with 50 waiting the seed tiers go to the >100 tier's 5: lowered to 3, the pool comes back to 5."""
+    state = PoolState(last_scale_up=NOW - 5, recommendations=((NOW - 5, 10),), target=10)
+    decision = decide(pool(), obs(50, 3), state, NOW)
+    assert (decision.desired, decision.details) == (5, {"repair": True})
+    kept = decide(pool(), obs(50, 6), state, NOW)  # 6 is above what is wanted at 10: nothing to restore
+    assert kept.details == {} and kept.state.target == 6
+
+
+def test_a_repair_waits_out_the_start_back_off() -> None:
+    """Replicas that keep failing at start are not recreated every tick by the repair (item 7 paces it)."""
+    backing_off = StartBackoffState(failed_rounds=2, until=NOW + 40, why="2 of 2 new replicas exited within 1s")
+    state = PoolState(target=10, backoff=backing_off)
+    held = decide(pool(tiers=HOLD_BAND), obs(50, 9), state, NOW)
+    assert held.direction is Direction.HOLD and held.details == {}
+    assert "backing off, next try in 40s" in held.reason and held.state.target == 10
+    later = decide(pool(tiers=HOLD_BAND), obs(50, 9), held.state, NOW + 41)
+    assert (later.desired, later.details) == (10, {"repair": True})
+
+
+@given(target=st.integers(3, 10), lowered=st.integers(2, 9), waiting=st.integers(10, 500),
+       since_up=st.floats(0, 1000), history=st.lists(st.tuples(st.floats(0, 600), st.integers(2, 10)), max_size=4))
+def test_a_pool_lowered_from_outside_in_a_hold_band_returns_to_its_target(
+    target: int, lowered: int, waiting: int, since_up: float, history: list[tuple[float, int]]
+) -> None:
+    current = min(lowered, target - 1)  # at or above min 2: below it, min comes first
+    state = PoolState(last_scale_up=NOW - since_up, recommendations=tuple(sorted((NOW - a, n) for a, n in history)),
+                      target=target)
+    decision = decide(pool(tiers=HOLD_BAND), obs(waiting, current), state, NOW)
+    assert (decision.desired, decision.details) == (target, {"repair": True}), decision.reason
+
+
+@given(target=st.integers(0, 50), current=st.integers(0, 50), waiting=st.integers(0, 5000),
+       tiers=st.sampled_from([None, HOLD_BAND]), since_up=st.floats(0, 100))
+def test_a_repair_restores_no_more_than_is_wanted_at_the_count_it_had_or_at_the_target(
+    target: int, current: int, waiting: int, tiers: list[dict[str, int]] | None, since_up: float
+) -> None:
+    """A queue that emptied (or any depth) never gets a pool restored above what the strategy wants."""
+    p = pool(tiers=tiers) if tiers else pool()
+    decision = decide(p, obs(waiting, current), PoolState(last_scale_up=NOW - since_up, target=target), NOW)
+    if decision.details.get("repair"):
+        assert decision.desired is not None
+        wanted = max(min(max(recommend(p, waiting, n)[0], p.min), p.max) for n in (current, target))
+        assert current < decision.desired <= min(target, wanted)
+    if waiting < 10 and current >= p.min:  # emptied: the <10 tier's 2 is all that is wanted
+        assert decision.desired is not None and decision.desired <= current

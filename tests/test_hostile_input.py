@@ -14,18 +14,22 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.decide import decide
 from autoscaler.policy.load import PolicyError, parse_policy
 from autoscaler.policy.model import MAX_REPLICAS, Policy
 from autoscaler.settings import SettingsError, load_settings
 from autoscaler.sources.celery_redis import _latency
-from autoscaler.types import Observation, PoolState, QueueStats
+from autoscaler.state_store import RedisStateStore
+from autoscaler.types import MAX_BACKOFF, Observation, PoolState, QueueStats, StartBackoffState
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [
@@ -311,3 +315,93 @@ def test_an_empty_dry_run_variable_means_unset() -> None:
 def test_draining_marks_survive_the_round_trip_through_redis() -> None:
     state = PoolState(last_scale_down=5.0, draining=(("0123456789ab" * 5 + "0123", 100.0),))
     assert PoolState.from_json(state.to_json()) == state
+
+
+# -- the start back-off in the stored state (issue 17, item 7) -----------------------------------------------------
+
+CID = "0123456789ab" * 5 + "0123"
+
+
+@pytest.mark.parametrize(
+    ("backoff", "field"),
+    [
+        ('{"until": 1e400}', "backoff.until"),
+        ('{"until": -1}', "backoff.until"),
+        ('{"until": "soon"}', "backoff.until"),
+        ('{"failed_rounds": -1}', "backoff.failed_rounds"),
+        ('{"failed_rounds": 1e9}', "backoff.failed_rounds"),
+        ('{"failed_rounds": 1000000000}', "backoff.failed_rounds"),
+        ('{"failed_rounds": true}', "backoff.failed_rounds"),
+        ('{"why": "\\u001b[2J\\u001b[31mfake"}', "backoff.why"),
+        ('{"why": "line\\nbreak"}', "backoff.why"),
+        (json.dumps({"why": "x" * 301}), "backoff.why"),
+        ('{"why": 5}', "backoff.why"),
+        ('{"round_ids": ["../../etc/passwd"], "round_created": 1}', "backoff.round_ids"),
+        (json.dumps({"round_ids": CID, "round_created": 1}), "backoff.round_ids"),
+        (json.dumps({"round_ids": [CID]}), "backoff.round_created"),
+        (json.dumps({"round_ids": [CID], "round_created": math.nan}), "backoff.round_created"),
+        ("[]", "backoff"),
+        ('"x"', "backoff"),
+    ],
+)
+def test_a_poisoned_start_back_off_is_refused_naming_its_field(backoff: str, field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        PoolState.from_json(f'{{"target": 3, "backoff": {backoff}}}')
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5) | st.sampled_from([CID, "a" * 25, "\x1b[31m", 1e15, 2**31, 599.5]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["failed_rounds", "until", "why", "round_ids", "round_created", "x"]), inner, max_size=5),
+    max_leaves=12,
+))
+@settings(max_examples=500, deadline=None)
+def test_any_json_as_a_start_back_off_parses_or_is_refused_and_never_breaks_a_tick(value: object) -> None:
+    try:
+        text = json.dumps({"backoff": value})
+    except ValueError:
+        return
+    refusal = ""
+    try:
+        state = PoolState.from_json(text)
+    except ValueError as exc:
+        refusal = str(exc)
+    if refusal:
+        assert "backoff" in refusal  # located: the field in the pool's record (the store names the pool)
+        return
+    now = 1e6
+    pool = parse_policy(POOL_TEXT % ("waiting", "tiers: [{above: 5, replicas: 10}]"), source=SOURCE).pools[0]
+    decision = decide(pool, Observation((QueueStats("fast", 7, 0, 0.0),), current=2), state, now)
+    if decision.desired == 2:  # held by the back-off: for no longer than the longest one there is
+        assert state.backoff.until is not None and "backing off" in decision.reason
+        assert decide(pool, Observation((QueueStats("fast", 7, 0, 0.0),), current=2), decision.state,
+                      now + MAX_BACKOFF).desired == 10
+    backoff = StartBackoff()
+    backoff.restore("fast", state.backoff, now)
+    backoff.observe("fast", {CID: "exited"}, now + 1)
+    backoff.blocked("fast", now + 1)
+    assert PoolState.from_json(replace(state, backoff=backoff.snapshot("fast")).to_json()).backoff == \
+        backoff.snapshot("fast")
+
+
+def test_a_start_back_off_from_the_future_holds_no_longer_than_the_longest_back_off() -> None:
+    pool = parse_policy(POOL_TEXT % ("waiting", "tiers: [{above: 5, replicas: 10}]"), source=SOURCE).pools[0]
+    now = 1_000_000.0
+    state = PoolState(backoff=StartBackoffState(failed_rounds=3, until=now + 86400 * 365, why="forged"))
+    held = decide(pool, Observation((QueueStats("fast", 50, 0, 0.0),), current=2), state, now)
+    assert held.desired == 2 and "next try in 10m" in held.reason
+    later = decide(pool, Observation((QueueStats("fast", 50, 0, 0.0),), current=2), held.state, now + MAX_BACKOFF)
+    assert later.desired == 10, later.reason
+
+
+@pytest.mark.redis
+def test_a_poisoned_back_off_starts_only_its_own_pool_fresh(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    good = PoolState(target=4, backoff=StartBackoffState(failed_rounds=1, until=50.0, why="1 of 1 exited",
+                                                         round_ids=(CID,), round_created=20.0))
+    client.set("autoscaler:state:fast", good.to_json())
+    client.set("autoscaler:state:io", '{"target": 4, "backoff": {"why": "\\u001b[31m"}}')
+    states = RedisStateStore(client).load(["fast", "io"])
+    assert states == {"fast": good, "io": PoolState()}
+    client.close()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import StartBackoffState
 
 __all__ = ["OWNER_LABEL", "Backend", "BackendError", "LeaseLostError", "TargetNotFoundError", "TargetStatus"]
 
@@ -77,6 +78,14 @@ class Backend(Protocol):
         """Take over the stops an earlier controller began (`marks` from the pool's state): those still
         running are drained (not counted, not chosen again) and removed once stopped. Ids that are not
         replicas of the pool's target are ignored."""
+        ...
+
+    def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:
+        """The pool's back-off after failed starts, and the scale-up being judged (kept in the pool's state)."""
+        ...
+
+    def resume_start_backoff(self, pool: PoolPolicy, saved: StartBackoffState) -> None:
+        """Take over the back-off an earlier controller kept in the pool's state (validated; clamped here)."""
         ...
 
     def replace_unhealthy(self, pool: PoolPolicy) -> int:

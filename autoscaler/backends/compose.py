@@ -49,6 +49,7 @@ from autoscaler.backends.compose_model import (
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import StartBackoffState
 
 __all__ = ["BusyProbe", "ComposeBackend", "ReplicaFailureHook"]
 
@@ -123,6 +124,7 @@ class ComposeBackend:
         draining, starting = self._in_flight(pool)
         replicas = self._replicas(pool, target)
         pending = self._health.repair_leftovers(target, replicas, starting=bool(starting))
+        self._health.judge_last_scale_up(pool, replicas, draining)  # before a clone that exited 0 is removed
         self._health.remove_stopped_victims(target, replicas, draining)
         problems = self._health.note_problems(pool, replicas, draining)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
@@ -209,6 +211,12 @@ class ComposeBackend:
     def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
         return self._drainer.marks(pool.name)
 
+    def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:
+        return self._backoff.snapshot(pool.name)
+
+    def resume_start_backoff(self, pool: PoolPolicy, saved: StartBackoffState) -> None:
+        self._backoff.restore(pool.name, saved, self._clock())
+
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
         if not marks or self._read_only:
             return
@@ -233,6 +241,7 @@ class ComposeBackend:
         # Judged on what this tick's status() saw: no second listing of the containers.
         victims = self._health.to_replace(pool, grace=self._unhealthy_grace)
         if victims:
+            self._backoff.spare(pool.name, [v.id for v in victims])  # its exit is ours, not a failed start
             self._drainer.start(pool.name, self._target(pool), victims, grace=math.ceil(pool.stop_timeout))
         return len(victims)
 
@@ -360,6 +369,7 @@ class ComposeBackend:
         # clones (Docker stays the only source of a container's configuration).
         chosen = {v.id for v in victims}
         keep = victims[-1].id if victims and all(r.id in chosen for r in replicas) else None
+        self._backoff.spare(pool.name, chosen)  # their exits are ours, not failed starts
         self._drainer.start(pool.name, target, victims, grace=grace, keep=keep)
         logger.debug(
             "{}: stopping {} (grace {}s; busy workers: {})",

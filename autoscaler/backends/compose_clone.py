@@ -212,9 +212,13 @@ class Cloner:
             wait(futures)
         finally:
             self._track_starting(pool, -len(clones))
-        self._backoff.started(pool.name, [f.result() for f in futures if f.exception() is None], self._clock())
         errors = [f.exception() for f in futures if f.exception() is not None]
         lost = next((e for e in errors if isinstance(e, LeaseLostError)), None)
+        # A failed create or start ("port is already allocated") is a failed round: the next tick would only
+        # create and remove the same containers again. A lost lease is no verdict on the replicas.
+        failed = [e for e in errors if not isinstance(e, LeaseLostError)]
+        self._backoff.started(pool.name, [f.result() for f in futures if f.exception() is None], self._clock(),
+                              failed=len(failed), error=str(failed[0]) if failed else "")
         if lost is not None:
             # Not a failed start: this replica may no longer act. Clones it created and could not start are
             # left for the next leader's leftover repair (removing them needs the lease too).

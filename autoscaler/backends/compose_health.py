@@ -3,7 +3,8 @@
 Never-started clones of a crashed scale-up are removed once old; clean-exited clones that no drain will
 remove (a controller died between their stop and their removal) are removed, the newest kept at zero as
 the template; failed replicas are diagnosed once (exited with an error, OOM-killed, dead), counted, and all
-but the newest few removed; a scale-up whose replicas fail at start backs the pool off. In read-only mode
+but the newest few removed; a scale-up whose replicas fail to become running replicas (a start call that fails,
+an exit of any code, a restart loop) backs the pool off. In read-only mode
 (`autoscaler status`) it only reports.
 """
 
@@ -187,16 +188,18 @@ class ReplicaHealth:
             restarting=counts["restarting"],
         )
         self._problems[pool.name] = problems
-        self._judge_last_scale_up(pool, replicas, diagnosed)
         return problems
 
-    def _judge_last_scale_up(self, pool: PoolPolicy, replicas: list[Replica], exits: dict[str, str]) -> None:
+    def judge_last_scale_up(self, pool: PoolPolicy, replicas: list[Replica], draining: Collection[str]) -> None:
+        """Judge the pool's last scale-up (StartBackoff) on Docker's states of its containers.
+
+        Called before any repair removes a container: a clone that exited 0 at once is a failed start, and was
+        removed as a stopped victim before it could be seen. Our own victims (draining) are not judged.
+        """
         if self._read_only:
             return
-        states = {
-            r.id: "failed" if r.state in ("exited", "dead") and exits.get(r.id, "clean") != "clean" else r.state
-            for r in replicas
-        }
+        self.backoff.spare(pool.name, draining)
+        states = {r.id: r.state for r in replicas if r.id not in draining}
         failed = self.backoff.observe(pool.name, states, self._clock())
         if failed:
             logger.error("pool {}: the last scale-up failed ({}); backing off before the next one", pool.name, failed)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from autoscaler.backends.base import BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import StartBackoffState
 
 __all__ = ["MemoryBackend"]
 
@@ -36,6 +37,12 @@ class MemoryBackend:
         return ()
 
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
+        return None
+
+    def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:  # noqa: ARG002 - protocol
+        return StartBackoffState()
+
+    def resume_start_backoff(self, pool: PoolPolicy, saved: StartBackoffState) -> None:  # noqa: ARG002
         return None
 
     def replace_unhealthy(self, pool: PoolPolicy) -> int:  # noqa: ARG002 - protocol

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from autoscaler.backends.base import Backend, BackendError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import StartBackoffState
 
 __all__ = ["BackendRouter"]
 
@@ -31,6 +32,12 @@ class BackendRouter:
 
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:
         self._for(pool).resume_drains(pool, marks)
+
+    def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:
+        return self._for(pool).start_backoff(pool)
+
+    def resume_start_backoff(self, pool: PoolPolicy, saved: StartBackoffState) -> None:
+        self._for(pool).resume_start_backoff(pool, saved)
 
     def replace_unhealthy(self, pool: PoolPolicy) -> int:
         return self._for(pool).replace_unhealthy(pool)

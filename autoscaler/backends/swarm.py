@@ -26,6 +26,7 @@ from autoscaler.backends.docker_client import (
 )
 from autoscaler.backends.swarm_drain import SwarmDrainer, WorkerControl
 from autoscaler.policy.model import PoolPolicy
+from autoscaler.types import StartBackoffState
 
 __all__ = ["START_BOUND", "UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
 
@@ -170,6 +171,12 @@ class SwarmBackend:
             return
         info, wanted = self._replicated_spec(pool)
         self._drainer.resume(pool, info, self._tasks(str(info["ID"])), marks, replicas=wanted)
+
+    def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:  # noqa: ARG002 - protocol
+        return StartBackoffState()  # Swarm creates and restarts the tasks itself, paced by its restart policy
+
+    def resume_start_backoff(self, pool: PoolPolicy, saved: StartBackoffState) -> None:  # noqa: ARG002
+        return None
 
     def replace_unhealthy(self, pool: PoolPolicy) -> int:  # noqa: ARG002 - protocol
         return 0  # Swarm replaces a task whose healthcheck fails by itself

@@ -8,12 +8,14 @@ One decision, in order::
                                   fallback count after N failed ticks
     current outside min..max? ── yes ─> straight to the nearest bound
     strategy -> recommendation (clamped to min..max), appended to the history
-    current below the count this controller set, and more wanted? ── yes ─> restore it now (a repair)
+    current below the count this controller set, and more wanted (at the current count, or at the one set:
+    in a hold band either holds itself)? ── yes ─> restore it now (a repair)
       above current: sustained (lowest recommendation over `sustain`) -> up-cooldown -> step limit
       below current: stabilized (highest recommendation over `stabilization`) -> scale-in paused?
                      -> down-cooldown -> step limit
       equal: hold
     last, any scale-up: replicas still draining count toward max; past max (+ surge) ─> capped (hold, or less)
+    a scale-up (a repair too) while new replicas keep failing at start? ── yes ─> hold, saying until when
 
 Cooldowns: a scale-up waits `cooldown.up` after the previous scale-up only, so a scale-up during a
 scale-down cooldown acts at once; a scale-down waits `cooldown.down` after any action, so a pool that
@@ -25,9 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from autoscaler.policy.backoff import backing_off
 from autoscaler.policy.model import Metric, PoolPolicy, format_duration
 from autoscaler.policy.strategies import recommend
-from autoscaler.types import Decision, Observation, PoolState
+from autoscaler.types import Decision, Direction, Observation, PoolState
 
 __all__ = ["decide", "metric_value", "prune_history", "window_values"]
 
@@ -38,7 +41,7 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     The state does not record the action itself: the caller does that with `PoolState.after_action`
     once the backend has actually scaled, so a failed or dry-run action starts no cooldown.
     """
-    return _capped(pool, observation.draining, _decide(pool, observation, state, now))
+    return _backed_off(_capped(pool, observation.draining, _decide(pool, observation, state, now)), now)
 
 
 def _capped(pool: PoolPolicy, draining: int, decision: Decision) -> Decision:
@@ -63,6 +66,18 @@ def _capped(pool: PoolPolicy, draining: int, decision: Decision) -> Decision:
             f"{draining} drain"
         ))
     return decision
+
+
+def _backed_off(decision: Decision, now: float) -> Decision:
+    """A scale-up held while the pool's new replicas keep failing at start (the back-off in its state)."""
+    blocked = backing_off(decision.state.backoff, now) if decision.direction is Direction.UP else None
+    if blocked is None:
+        return decision
+    # Whatever asks for more (min, a repair, the fallback), replicas that fail at start would only churn.
+    return replace(
+        decision, desired=decision.current, reason=f"{decision.reason}; {blocked}",
+        details={k: v for k, v in decision.details.items() if k != "repair"},
+    )
 
 
 def _decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: float) -> Decision:
@@ -107,9 +122,10 @@ def _decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: f
     if current > pool.max:
         return result(pool.max, f"{current} is above max {pool.max}")
     if state.target is not None and current < state.target:
-        if recommendation > current:
-            desired, reason, repair = _restore(pool, state, now=now, current=current,
-                                               recommendation=recommendation, explanation=explanation)
+        restored = _restore(pool, state, metric, now=now, current=current, recommendation=recommendation,
+                            explanation=explanation)
+        if restored is not None:
+            desired, reason, repair = restored
             return result(desired, reason, **({"repair": True} if repair else {}))
         state = replace(state, target=current)  # the lower count is what is wanted now too: nothing to restore
     if recommendation > current:
@@ -122,16 +138,24 @@ def _decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: f
 
 
 def _restore(
-    pool: PoolPolicy, state: PoolState, *, now: float, current: int, recommendation: int, explanation: str
-) -> tuple[int, str, bool]:
-    """A count below the one this controller set, with more wanted: (desired, reason, is it a repair).
+    pool: PoolPolicy, state: PoolState, metric: float, *, now: float, current: int, recommendation: int,
+    explanation: str,
+) -> tuple[int, str, bool] | None:
+    """A count below the one this controller set: (desired, reason, is it a repair), or None when the lower
+    count is all that is wanted.
 
     Cooldowns, sustain and step limits pace changes of the recommendation; this count was lowered by someone
-    else (or replicas exited), and capacity that ran moments ago is restored at once, up to what is wanted.
-    Beyond the old count, the scale-up is an ordinary, paced one.
+    else (or replicas exited, or were replaced), and capacity that ran moments ago is restored at once, up to
+    what is wanted. What is wanted is asked at the count this controller set as well as at the lowered one:
+    inside a hold band (tiers) or a tolerance band (per_replica) the strategy keeps whatever count it is
+    given, so asked at the lowered count alone it would keep that count for good. Beyond the old count, the
+    scale-up is an ordinary, paced one.
     """
     assert state.target is not None
-    restore = min(state.target, recommendation)
+    at_target = min(max(recommend(pool, metric, state.target)[0], pool.min), pool.max)
+    restore = min(state.target, max(recommendation, at_target))
+    if restore <= current:
+        return None
     if recommendation > state.target:
         up, up_reason = _scale_up(pool, state, now=now, current=current, explanation=explanation)
         if up > restore:
