@@ -119,10 +119,21 @@ def _content_length(headers: dict[str, str]) -> int:
 
 
 def read_request(conn: socket.socket, *, head_timeout: float = HEAD_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT) -> Request:
-    """One whole request from `conn`, or HttpRefusedError (also for a peer that closes or stalls mid-request)."""
+                 body_timeout: float = BODY_TIMEOUT) -> Request | None:
+    """One whole request from `conn`, or HttpRefusedError (also for a peer that closes or stalls mid-request).
+
+    None: the peer closed without sending a byte (a health check's connect), which is nothing to refuse.
+    """
     buffer = bytearray()
     deadline = time.monotonic() + head_timeout
+    conn.settimeout(head_timeout)
+    try:
+        first = conn.recv(65536)
+    except TimeoutError:
+        raise HttpRefusedError("timed out waiting for the request head: nothing forwarded") from None
+    if not first:
+        return None
+    buffer += first
     while (end := buffer.find(b"\r\n\r\n")) < 0:
         if len(buffer) > MAX_HEAD_BYTES:
             raise HttpRefusedError(f"request head above {MAX_HEAD_BYTES // 1024} KiB refused")

@@ -56,6 +56,8 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         except OSError:
             return
+        if request is None:
+            return
         what = f"{request.method} {request.target[:200]}"
         try:
             decision = self.server.judge.judge(request)

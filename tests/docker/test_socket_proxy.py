@@ -13,6 +13,7 @@ The last test runs the same proxy code in this process in front of a recording s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,10 +65,8 @@ class Proxied:
             conn.sendall(raw)
             if rest:
                 time.sleep(pause)
-                try:
+                with contextlib.suppress(OSError):  # the proxy answered and closed already
                     conn.sendall(rest)
-                except OSError:
-                    pass  # the proxy answered and closed already
             answer = b""
             try:
                 while chunk := conn.recv(65536):
@@ -178,7 +177,7 @@ def test_the_header_padding_request_is_refused_and_creates_nothing(proxied: Prox
 
 def _variants(proxied: Proxied) -> list[tuple[str, bytes]]:
     """Creates that differ from a clone of `worker` in one field each (bytes: spelled by hand)."""
-    name, clone = proxied.clone(92)
+    _, clone = proxied.clone(92)
     source = proxied.worker()
     text = json.dumps(clone)
 
