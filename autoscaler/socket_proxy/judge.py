@@ -9,6 +9,7 @@ lookup found: the forwarded request acts on the container that was judged, even 
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from autoscaler.socket_proxy.request import Request
 from autoscaler.socket_proxy.strict_json import loads_object
 
 __all__ = ["Forward", "Judge", "RefusedError"]
+
+_CONTAINER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class RefusedError(ValueError):
@@ -84,7 +87,7 @@ class Judge:
         return Forward(call.name, request.method, target, data)
 
     def _container(self, reference: str, *, pool_only: bool, call: str) -> dict[str, Any] | EngineAnswer:
-        if not reference or not reference.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        if not _CONTAINER.fullmatch(reference):
             raise RefusedError(f"{call}: {reference[:80]!r} is not a container name or id")
         answer = self.engine.get(f"/containers/{reference}/json")
         if answer.status == 404:

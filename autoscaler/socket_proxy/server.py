@@ -88,6 +88,8 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         with engine:
             try:
+                # A slow reader of an events stream or of a long stop's answer is not cut short either.
+                conn.settimeout(self.server.engine.call_timeout)
                 engine.sendall(request_bytes(forward.method, forward.target, forward.body))
                 while chunk := engine.recv(65536):
                     conn.sendall(chunk)
