@@ -1,6 +1,7 @@
 """Cloning a Compose replica: the create body, networks and name of a new container like the template's.
 
-Pure functions over a `docker inspect` of the template replica (the service's own newest container).
+The bodies themselves are autoscaler.clone_spec's pure functions (the socket proxy judges creates with the
+same ones); here: choosing the template (the service's own newest container), creating and starting.
 """
 
 from __future__ import annotations
@@ -14,17 +15,12 @@ from typing import Any
 import docker
 from loguru import logger
 
-from autoscaler.backends.base import OWNER_LABEL, BackendError, LeaseLostError, TargetNotFoundError
-from autoscaler.backends.compose_model import (
-    CLONE_LABEL,
-    CONTAINER_NUMBER_LABEL,
-    VERSION_LABEL,
-    Replica,
-    ServiceRef,
-    nothing_to_clone,
-)
+from autoscaler import clone_spec
+from autoscaler.backends.base import BackendError, LeaseLostError, TargetNotFoundError
+from autoscaler.backends.compose_model import Replica, ServiceRef, nothing_to_clone
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
 from autoscaler.backends.start_backoff import StartBackoff
+from autoscaler.clone_spec import Endpoint, clone_config, create_body, endpoints
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = [
@@ -41,20 +37,6 @@ __all__ = [
 
 START_WORKERS = 8
 
-# Container fields that belong to one container only and must not be cloned.
-_PER_CONTAINER_CONFIG = ("Hostname", "MacAddress")
-# Host-config fields the daemon derives itself (from Privileged and SecurityOpt systempaths=...): left out,
-# so that a create never sends a /proc mask list of its own (the socket proxy refuses one).
-_DERIVED_HOST_CONFIG = ("MaskedPaths", "ReadonlyPaths")
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    network: str
-    aliases: tuple[str, ...]
-    links: tuple[tuple[str, str], ...]
-    driver_opts: dict[str, str] | None
-
 
 @dataclass(frozen=True, slots=True)
 class Clone:
@@ -67,81 +49,12 @@ class Clone:
 
 
 def name_separator(template: dict[str, Any], target: ServiceRef) -> str:
-    # docker-compose v1 names replicas project_service_N, v2 project-service-N: follow the template.
-    labels = template["Config"].get("Labels") or {}
-    name = str(template.get("Name", "")).lstrip("/")
-    number = labels.get(CONTAINER_NUMBER_LABEL, "")
-    for separator in ("-", "_"):
-        if name == separator.join((target.project, target.service, number)):
-            return separator
-    return "_" if str(labels.get(VERSION_LABEL, "")).startswith("1.") else "-"
+    return clone_spec.name_separator(template, target.project, target.service)
 
 
-def _endpoint(network: str, settings: dict[str, Any], *, template: dict[str, Any], name: str) -> Endpoint:
-    template_name = str(template.get("Name", "")).lstrip("/")
-    own = {str(template.get("Id", ""))[:12], template_name}
-    aliases = [a for a in settings.get("Aliases") or [] if a not in own]
-    if template_name in (settings.get("Aliases") or []):
-        aliases.insert(0, name)  # Compose v2 aliases each container by its own name
-    links = tuple(_split_link(str(link)) for link in settings.get("Links") or [])
-    if network in ("bridge", "host", "none"):
-        aliases = []  # the daemon refuses aliases outside user-defined networks
-    ipam = settings.get("IPAMConfig") or {}
-    if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
-        logger.warning("{}: the template has a fixed IP on {}; a clone gets one from the pool", name, network)
-    return Endpoint(network, tuple(dict.fromkeys(aliases)), links, settings.get("DriverOpts") or None)
-
-
-def _split_link(link: str) -> tuple[str, str]:
-    container, _, alias = link.partition(":")
-    return container, alias or container
-
-
-def endpoints(template: dict[str, Any], *, name: str) -> tuple[Endpoint | None, tuple[Endpoint, ...]]:
-    mode = str(template["HostConfig"].get("NetworkMode") or "")
-    networks: dict[str, Any] = template.get("NetworkSettings", {}).get("Networks") or {}
-    if mode in ("host", "none") or mode.startswith(("container:", "service:")) or not networks:
-        return None, ()
-    endpoints = [_endpoint(net, networks[net], template=template, name=name) for net in sorted(networks)]
-    # API < 1.44 accepts one network at create; the others are connected before the first start.
-    primary = next((e for e in endpoints if e.network == mode), endpoints[0])
-    return primary, tuple(e for e in endpoints if e is not primary)
-
-
-def clone_config(template: dict[str, Any], *, pool: str, number: int, image: str) -> dict[str, Any]:
-    """The create body for a clone of `template` (a `docker inspect`): same config and host config.
-
-    The host config is passed through whole rather than rebuilt with `create_host_config`: the daemon
-    accepts its own inspect output, and every option (limits, mounts, init, caps, tmpfs, ulimits, log
-    config, restart policy...) is kept, including ones docker-py has no keyword for.
-    """
-    config = {k: v for k, v in template["Config"].items() if k not in _PER_CONTAINER_CONFIG}
-    config["Image"] = image
-    config["Labels"] = {
-        **(template["Config"].get("Labels") or {}),
-        CONTAINER_NUMBER_LABEL: str(number),
-        OWNER_LABEL: pool,
-        CLONE_LABEL: "true",
-    }
-    host_config = {k: v for k, v in template["HostConfig"].items() if k not in _DERIVED_HOST_CONFIG}
-    host_config["ContainerIDFile"] = ""
-    config["HostConfig"] = host_config
-    return config
-
-
-def with_network(client: docker.DockerClient, clone: Clone) -> dict[str, Any]:
-    if clone.primary is None:
-        return clone.config
-    endpoint = clone.primary
-    networking = untyped_api(client).create_networking_config(
-        {
-            endpoint.network: client.api.create_endpoint_config(
-                aliases=list(endpoint.aliases) or None, links=list(endpoint.links) or None,
-                driver_opt=endpoint.driver_opts,
-            )
-        }
-    )
-    return {**clone.config, "NetworkingConfig": networking}
+def with_network(clone: Clone) -> dict[str, Any]:
+    """The create body: the clone's config and its first network (what the socket proxy expects exactly)."""
+    return create_body(clone.config, clone.primary)
 
 
 def next_numbers(replicas: Iterable[Replica], *, count: int) -> list[int]:
@@ -266,7 +179,7 @@ class Cloner:
     def _create_and_start(self, target: ServiceRef, clone: Clone) -> str:
         created = self._docker.call(
             f"create container {clone.name} for {target}",
-            lambda c: untyped_api(c).create_container_from_config(with_network(c, clone), name=clone.name),
+            lambda c: untyped_api(c).create_container_from_config(with_network(clone), name=clone.name),
             retry=False,
         )
         container_id = str(created["Id"])

@@ -29,6 +29,7 @@ class Request:
 class RecordingProxy:
     socket_path: str = "/var/run/docker.sock"
     requests: list[Request] = field(default_factory=list)
+    streams: list[bytearray] = field(default_factory=list)  # every byte each connection sent, in order
 
     def __post_init__(self) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -71,12 +72,16 @@ class RecordingProxy:
                 return
             engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             engine.connect(self.socket_path)
-            threading.Thread(target=self._upstream, args=(client, engine), daemon=True).start()
+            stream = bytearray()
+            with self._lock:
+                self.streams.append(stream)
+            threading.Thread(target=self._upstream, args=(client, engine, stream), daemon=True).start()
             threading.Thread(target=self._downstream, args=(engine, client), daemon=True).start()
 
-    def _upstream(self, client: socket.socket, engine: socket.socket) -> None:
+    def _upstream(self, client: socket.socket, engine: socket.socket, stream: bytearray) -> None:
         try:
             while data := client.recv(65536):
+                stream += data
                 for match in _REQUEST_LINE.finditer(data):
                     request = Request(time.time(), match.group(1).decode(), match.group(2).decode())
                     with self._lock:

@@ -3,7 +3,7 @@
 Here apt and pip reach their index only through this machine's own settings (apt sources, Acquire
 snippets, auth, pip's index URLs). `scripts/build-base-images.sh` puts them in one layer of their own,
 `autoscaler-local/python:bookworm-build`, which every Dockerfile uses only in a throwaway build stage; the
-images that run (the stand-ins, the autoscaler, the stack, the socket proxy, the test worker) are built
+images that run (the stand-ins, the autoscaler and its socket proxy, the stack, the test worker) are built
 FROM the clean `autoscaler-local/python:bookworm`. A file removed in a later layer is still in the image
 (`docker save` hands it to anyone who pulls it), so every layer of every image is read here, not just the
 top view:
@@ -114,11 +114,6 @@ def built_images(docker_env: DockerEnv, worker_image: str) -> Iterator[dict[str,
     tags = {
         "autoscaler (Dockerfile)": _build(client, "astest-hygiene:autoscaler", REPO, python_args, "Dockerfile"),
         "stack (stack/Dockerfile)": _build(client, "astest-hygiene:stack", REPO, python_args, "stack/Dockerfile"),
-        "socket proxy": _build(
-            client, "astest-hygiene:proxy", REPO / "deploy" / "socket-proxy",
-            {"DEBIAN_IMAGE": docker_env.python_image, "DEBIAN_BUILD_IMAGE": docker_env.python_build_image},
-            "Dockerfile",
-        ),
     }
     images = {
         "python stand-in": docker_env.python_image,
