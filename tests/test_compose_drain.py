@@ -8,13 +8,17 @@ drain" or "after the first stops ended at their grace" happens without waiting.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from autoscaler.backends.base import BackendError
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
+from autoscaler.backends.docker_events import count_action
 from autoscaler.policy.model import PoolPolicy
 from tests.docker.dockertest import wait_until
 from tests.scripted_engine import ScriptedEngine
@@ -25,6 +29,9 @@ POOL = PoolPolicy.model_validate({
     "name": "fast", "target": {"compose": {"service": "worker", "project": "p"}}, "queues": ["fast"],
     "min": 1, "max": 40, "tiers": [{"below": 10, "replicas": 6}], "stop_timeout": "10m",
 })
+# Pieces of real event lines, to be cut and joined in any order with random bytes.
+EVENT_PIECES = [b'{"Type": "container", "Action": "oom", "id": "c"}\n', b'{"status": "oom"}', b'{"Action":', b'"oom"}',
+                b"\n", b"[", b"]", b'"', b"{", b"}", b"1e999999", b'"\\ud800"', b"[" * 50]
 
 
 @pytest.fixture
@@ -161,3 +168,21 @@ def test_the_oom_event_query_ends_when_the_daemon_never_ends_the_stream(
     assert isinstance(outcome[0], BackendError), outcome
     assert "oom events" in str(outcome[0]) and "did not end" in str(outcome[0]), outcome
     assert engine.events_requests == 1  # not retried: one unanswered query is answer enough
+
+
+@given(chunks=st.lists(st.binary(max_size=200) | st.sampled_from(EVENT_PIECES), max_size=20))
+def test_any_event_stream_gives_a_count_or_a_located_refusal(chunks: list[bytes]) -> None:
+    outcome: int | BackendError
+    try:
+        outcome = count_action(chunks, action="oom", deadline=time.monotonic() + 60)
+    except BackendError as exc:
+        outcome = exc
+    if isinstance(outcome, BackendError):
+        assert "oom events stream" in str(outcome) and "bytes" in str(outcome), outcome
+    else:
+        assert 0 <= outcome <= len(b"".join(chunks))
+
+
+def test_an_event_stream_counts_only_the_action_asked_for() -> None:
+    stream = [b'{"Action": "oom", "id": "a"}\n{"Action": "die"', b', "id": "a"}\n{"status": "oom"}\n[1]\n']
+    assert count_action(stream, action="oom", deadline=time.monotonic() + 60) == 2

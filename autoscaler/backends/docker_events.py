@@ -9,9 +9,8 @@ unknown: a BackendError, not retried (the same question would get the same non-a
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import docker
@@ -24,7 +23,7 @@ from docker.utils.json_stream import json_stream
 from autoscaler.backends.base import BackendError
 from autoscaler.backends.docker_client import untyped_api
 
-__all__ = ["EVENTS_TIMEOUT", "MAX_EVENT_BYTES", "count_events"]
+__all__ = ["EVENTS_TIMEOUT", "MAX_EVENT_BYTES", "count_action", "count_events"]
 
 # A daemon answers a since/until query of its last 256 events at once: seconds are plenty.
 EVENTS_TIMEOUT = 5.0
@@ -50,27 +49,43 @@ def count_events(
         raise BackendError(f"the daemon did not answer the events query within {timeout:g}s") from exc
     try:
         api._raise_for_status(response)
-        chunks = _bounded(api._stream_helper(response, decode=False), deadline=deadline)
-        # json_stream decodes the bytes itself (its stub says str).
-        events = json_stream(cast(Iterator[str], chunks))
-        return len([event for event in events if _action(event) == action])
-    except (_UnfinishedError, requests.RequestException, urllib3.exceptions.HTTPError, OSError, StreamParseError,
-            json.JSONDecodeError) as exc:
+        return count_action(api._stream_helper(response, decode=False), action=action, deadline=deadline)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise BackendError(
-            f"the daemon did not end the {action} events stream within {timeout:g}s and {MAX_EVENT_BYTES} "
-            f"bytes ({type(exc).__name__}: {exc}); the count is unknown"
+            f"the daemon did not end the {action} events stream within {timeout:g}s ({type(exc).__name__}: "
+            f"{exc}); the count is unknown"
         ) from exc
     finally:
         response.close()
 
 
-def _bounded(chunks: Iterator[bytes], *, deadline: float) -> Iterator[bytes]:
-    read = 0
-    for chunk in chunks:
-        read += len(chunk)
-        if time.monotonic() > deadline or read > MAX_EVENT_BYTES:
-            raise _UnfinishedError("stream still open")
-        yield chunk
+def count_action(chunks: Iterable[bytes], *, action: str, deadline: float) -> int:
+    """How many events of a daemon's event stream (JSON objects, one after another) have Action `action`.
+
+    BackendError, saying where, when the stream runs past `deadline` (time.monotonic) or MAX_EVENT_BYTES, or
+    is not a stream of JSON values."""
+    read = [0]
+
+    def bounded() -> Iterator[bytes]:
+        for chunk in chunks:
+            read[0] += len(chunk)
+            if time.monotonic() > deadline or read[0] > MAX_EVENT_BYTES:
+                raise _UnfinishedError
+            yield chunk
+
+    try:
+        # json_stream decodes the bytes itself (its stub says str).
+        events = json_stream(cast(Iterator[str], bounded()))
+        return len([event for event in events if _action(event) == action])
+    except _UnfinishedError as exc:
+        raise BackendError(
+            f"the daemon did not end the {action} events stream in time or within {MAX_EVENT_BYTES} bytes "
+            f"({read[0]} read); the count is unknown"
+        ) from exc
+    except (StreamParseError, ValueError, RecursionError) as exc:
+        raise BackendError(
+            f"the {action} events stream is not JSON (within its first {read[0]} bytes: {exc}); the count is unknown"
+        ) from exc
 
 
 def _action(event: Any) -> Any:
