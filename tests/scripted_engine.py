@@ -68,6 +68,9 @@ class ScriptedEngine:
             request_queue_size = 512  # dozens of stops connect at once
             daemon_threads = True
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                return None  # a client gone before its answer (a controller that exited mid-stop) is expected
+
         self._server = Server(self.socket_path, Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
