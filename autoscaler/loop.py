@@ -96,6 +96,7 @@ class Controller:
     _broker_applied: BrokerOptions | None = None
     # The stored drain marks of pools whose drains are not followed yet (the backend failed): kept, and retried.
     _unresumed: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+    _pools: tuple[PoolPolicy, ...] = ()  # the last tick's, for the state written once more at stop()
 
     def tick(self, *, force_reload: bool = False) -> TickReport:
         started = self.clock()
@@ -126,6 +127,7 @@ class Controller:
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
         actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
 
+        self._pools = tuple(policy.pools)
         reports = tuple(
             self._reconcile_isolated(pool, queues, metric_error, actuator, started) for pool in policy.pools
         )
@@ -354,6 +356,14 @@ class Controller:
         return ready, {"role": self.role, "last_good_tick_age_s": None if age is None else round(age, 3)}
 
     def stop(self) -> None:
+        """Step down: the stops under way go into the state once more (the next leader resumes them, so the
+        process need not wait for them), then the lock is released."""
+        if self.role == "leader" and self.states is not None and self._still_leading("write the pool state"):
+            states = {p.name: self._with_drain_marks(p, self.states.get(p.name, PoolState())) for p in self._pools}
+            try:
+                self.store.save(states)
+            except StateStoreError as exc:
+                logger.bind(error=str(exc)).error("{}; the drains under way are not recorded", exc)
         if self.lock is not None and self.role == "leader":
             try:
                 self.lock.release()

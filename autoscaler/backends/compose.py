@@ -46,7 +46,8 @@ from autoscaler.backends.compose_model import (
     normalize_project,
     nothing_to_clone,
 )
-from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
+from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError
+from autoscaler.backends.docker_events import count_events
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
 from autoscaler.types import StartBackoffState
@@ -334,14 +335,8 @@ class ComposeBackend:
         until = f"{time.time():.6f}"
 
         def count(client: docker.DockerClient) -> int:
-            stream = untyped_api(client).events(
-                since=int(since), until=until, decode=True,
-                filters={"type": "container", "container": container_id, "event": "oom"},
-            )
-            try:
-                return sum(1 for _ in stream)
-            finally:
-                stream.close()
+            filters = {"type": "container", "container": container_id, "event": "oom"}
+            return count_events(client, since=int(since), until=until, filters=filters, action="oom")
 
         return self._docker.call(f"read the oom events of container {container_id[:12]}", count)
 

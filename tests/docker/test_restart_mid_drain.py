@@ -5,7 +5,8 @@ shutdown counted them as running capacity (`current=9` while 5 were stopping) an
 survivors as new victims; and victims that exited after the crash were never removed. Now the draining
 ids and their deadlines are in the pool's state in Redis: the next leader resumes those stops (never
 counting the victims), removes them once stopped, and ignores marks that name containers that are not
-the pool's own (a broker client can write that state).
+the pool's own (a broker client can write that state). A controller that exits mid-drain (SIGTERM, or
+`--once`) does not wait for the stops: the daemon finishes them, and the next leader removes the victims.
 """
 
 from __future__ import annotations
@@ -85,14 +86,22 @@ def test_a_controller_killed_mid_drain_leaves_the_next_one_to_finish_it(
     finally:
         other.remove(force=True)
 
-    # The resumed stops end (the grace runs out: SIGKILL) and the victims are removed; the survivor stays.
+    # The second controller exited without waiting for the resumed stops (issue 17, item 10): the daemon ends
+    # them at the grace (SIGKILL: the victims ignore SIGTERM) and the marks stay in the state, so the next
+    # leader removes the victims; the survivor stays.
+    wait_until(lambda: not victims & project.running_ids("worker"), timeout=90, what="the victims to exit",
+               interval=1)
+    assert {cid for cid, _ in json.loads(state.get("autoscaler:state:fast") or b"{}")["draining"]} == victims
+    third = start_controller(policy, redis_url, "--once")
+    out, _ = third.communicate(timeout=120)
+    assert third.returncode == 0, out
     pool = PoolPolicy.model_validate({
         "name": "fast", "target": {"compose": {"service": "worker", "project": project.name}}, "queues": ["fast"],
         "min": 1, "max": 5, "tiers": [{"below": 10, "replicas": 1}],
     })
     backend = ComposeBackend(docker_connection=DockerConnection())
     try:
-        wait_until(lambda: not victims & {c.id for c in project.containers("worker")}, timeout=90,
+        wait_until(lambda: not victims & {c.id for c in project.containers("worker")}, timeout=30,
                    what="the victims to be removed", interval=1)
         assert backend.status(pool).running == 1
     finally:
