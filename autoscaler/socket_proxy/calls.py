@@ -3,7 +3,7 @@
 One `Call` per allowed call: its method, its path (after an optional `/v1.NN` version prefix), the query
 parameters it may carry (each with a check that also gives the value's canonical spelling), and what the
 proxy must look up before passing it (`Target`). Adding a call the autoscaler starts to make is one entry
-in CALLS (and its test in tests/test_socket_proxy_calls.py).
+in CALLS (and its tests: tests/test_socket_proxy_http.py, tests/test_socket_proxy_services.py).
 """
 
 from __future__ import annotations
