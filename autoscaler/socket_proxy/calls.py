@@ -1,9 +1,9 @@
-"""The allow-list: every Engine API call the Compose backend makes, with exactly the query it sends.
+"""The allow-list: every Engine API call the Compose and Swarm backends make, with exactly the query they send.
 
 One `Call` per allowed call: its method, its path (after an optional `/v1.NN` version prefix), the query
 parameters it may carry (each with a check that also gives the value's canonical spelling), and what the
 proxy must look up before passing it (`Target`). Adding a call the autoscaler starts to make is one entry
-in CALLS (and its test in tests/test_socket_proxy_calls.py).
+in CALLS (and its tests: tests/test_socket_proxy_http.py, tests/test_socket_proxy_services.py).
 """
 
 from __future__ import annotations
@@ -40,16 +40,20 @@ class Target(enum.Enum):
     POOL_CONTAINER = "a pool's container (label autoscaler.pool) of a configured Compose project"
     CLONE = "a create: exactly a clone of a pool service's container"
     CONNECT = "a network connect: exactly a clone's second network"
+    STACK_SERVICE = "a Swarm service of a configured stack"
+    POOL_TASKS = "the tasks of a pool's Swarm service (label autoscaler.pool) of a configured stack"
+    REPLICAS_UPDATE = "a service update: exactly the current spec with another replica count"
 
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    projects: frozenset[str]
+    projects: frozenset[str]  # Compose projects (label com.docker.compose.project)
     max_stop_seconds: int
+    stacks: frozenset[str] = frozenset()  # Swarm stacks (label com.docker.stack.namespace)
 
 
 # What a {part} of a route may be: names and ids as the Docker client puts them in a path, unescaped.
-_PARTS = {"container": _NAME, "network": _NAME, "image": _IMAGE}
+_PARTS = {"container": _NAME, "network": _NAME, "image": _IMAGE, "service": _NAME}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,21 @@ def event_filters(value: str, _: Context) -> str:
     return json.dumps(_filters(value, frozenset({"type", "container", "event"})))
 
 
+def task_filters(value: str, _: Context) -> str:
+    """One service, by name or id: which one, and whether it is a pool's, the judge looks up."""
+    parsed = _filters(value, frozenset({"service"}))
+    services = parsed.get("service", [])
+    if len(services) != 1 or not re.fullmatch(_NAME, services[0]):
+        raise CallRefusedError("a task listing must filter on exactly one service")
+    return json.dumps(parsed)
+
+
+def object_version(value: str, _: Context) -> str:
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", value) or int(value) >= 2**64:
+        raise CallRefusedError(f"{value[:40]!r} is not an object version")
+    return value
+
+
 CALLS: tuple[Call, ...] = (
     Call("ping", "GET", "/_ping"),
     Call("version", "GET", "/version"),
@@ -156,6 +175,13 @@ CALLS: tuple[Call, ...] = (
          required=frozenset({"v", "link", "force"}), target=Target.POOL_CONTAINER),
     Call("connect container to network", "POST", "/networks/{network}/connect",
          target=Target.CONNECT, json_body=True),
+    # The Swarm backend (backends/swarm.py): docker-py's inspect_service(name) and tasks(filters=...), and
+    # its own POST of the inspected spec with only the replica count changed (docker-py's _post_json).
+    Call("inspect service", "GET", "/services/{service}", target=Target.STACK_SERVICE),
+    Call("list tasks", "GET", "/tasks", {"filters": task_filters}, required=frozenset({"filters"}),
+         target=Target.POOL_TASKS),
+    Call("update service", "POST", "/services/{service}/update", {"version": object_version},
+         required=frozenset({"version"}), target=Target.REPLICAS_UPDATE, json_body=True),
 )
 
 

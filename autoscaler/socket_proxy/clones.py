@@ -59,31 +59,33 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-def first_difference(sent: Any, expected: Any, where: str = "") -> str | None:
+def first_difference(sent: Any, expected: Any, where: str = "", *, theirs: str = "the source's",
+                     absent: str = "not in a clone of the source") -> str | None:
     """Where `sent` first differs from `expected` ("HostConfig.Privileged: ..."), or None if it does not."""
     place = where or "the body"
     if type(sent) is not type(expected):
-        return f"{place} is {_show(sent)}, the source's is {_show(expected)}"
+        return f"{place} is {_show(sent)}, {theirs} is {_show(expected)}"
     if isinstance(sent, dict):
         for key in sent:
             if key not in expected:
-                return f"{where + '.' if where else ''}{key} is not in a clone of the source"
+                return f"{where + '.' if where else ''}{key} is {absent}"
         for key in expected:
             if key not in sent:
                 return f"{where + '.' if where else ''}{key} is missing"
-            found = first_difference(sent[key], expected[key], f"{where + '.' if where else ''}{key}")
+            found = first_difference(sent[key], expected[key], f"{where + '.' if where else ''}{key}",
+                                     theirs=theirs, absent=absent)
             if found:
                 return found
         return None
     if isinstance(sent, list):
         if len(sent) != len(expected):
-            return f"{place} has {len(sent)} items, the source's {len(expected)}"
+            return f"{place} has {len(sent)} items, {theirs} {len(expected)}"
         for index, (a, b) in enumerate(zip(sent, expected, strict=True)):
-            found = first_difference(a, b, f"{place}[{index}]")
+            found = first_difference(a, b, f"{place}[{index}]", theirs=theirs, absent=absent)
             if found:
                 return found
         return None
-    return None if sent == expected else f"{place} is {_show(sent)}, the source's is {_show(expected)}"
+    return None if sent == expected else f"{place} is {_show(sent)}, {theirs} is {_show(expected)}"
 
 
 def never_allowed(body: dict[str, Any]) -> str | None:

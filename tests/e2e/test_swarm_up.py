@@ -67,9 +67,9 @@ class SwarmStack:
         info: dict[str, Any] = self.client.api.inspect_service(f"{STACK}_{name}")
         return info
 
-    def autoscaler_log(self) -> str:
+    def autoscaler_log(self, service: str = "autoscaler") -> str:
         """Both replicas' logs, read from their containers (`docker service logs` can hang on removed tasks)."""
-        filters = {"label": f"com.docker.swarm.service.name={STACK}_autoscaler"}
+        filters = {"label": f"com.docker.swarm.service.name={STACK}_{service}"}
         logs = []
         for summary in self.client.api.containers(all=True, filters=filters):
             try:
@@ -152,6 +152,14 @@ def test_a_burst_scales_fast_2_to_10_to_2_and_every_task_runs_once(swarm: SwarmS
     assert report["ok"] and report["totals"]["succeeded"] == BURST, _tail(proc.stdout + proc.stderr)
     print(f"\n[swarm] swarm-up {swarm.env['SWARM_UP_SECONDS']} s; 2 -> 10 after {at_ten:.0f} s, back to 2 after "
           f"{back:.0f} s; {BURST} succeeded, redelivered {report['totals']['redelivered']}")
+    # All of it through the socket proxy: the autoscaler has no socket and is not root; nothing was refused.
+    spec = swarm.service("autoscaler")["Spec"]["TaskTemplate"]["ContainerSpec"]
+    assert not spec.get("Mounts") and spec["User"] == "10001", spec
+    assert "DOCKER_HOST=tcp://docker-socket-proxy:2375" in spec["Env"], spec["Env"]
+    proxy_log = swarm.autoscaler_log("docker-socket-proxy")
+    assert f"Swarm stacks {STACK} on" in proxy_log and "running as uid 65534" in proxy_log, _tail(proxy_log)
+    assert "update service: POST" in proxy_log, _tail(proxy_log)
+    assert " 403 " not in proxy_log, [line for line in proxy_log.splitlines() if " 403 " in line]
 
 
 def test_a_policy_edit_rolls_out_as_a_new_config(swarm: SwarmStack) -> None:
