@@ -54,7 +54,8 @@ TASK_STATES = ("succeeded", "failed")
 STALE_BEAT_S = 3600.0
 
 _installed = False
-_worker_stats: WorkerStats | None = None
+_signals_connected = False
+_APP_ATTRIBUTE = "_autoscaler_worker_stats"
 
 
 def stamp_headers(headers: dict[str, Any] | None, now: float | None = None) -> None:
@@ -204,15 +205,19 @@ def _beat_time(value: bytes) -> float:
 
 
 def _queue_of(sender: Any) -> str | None:
-    info = getattr(getattr(sender, "request", None), "delivery_info", None) or {}
+    request = getattr(sender, "request", None)
+    if getattr(request, "is_eager", False):
+        return None  # run in the caller's process (tests, eager mode): no queue, no worker
+    info = getattr(request, "delivery_info", None) or {}
     queue = info.get("routing_key") if isinstance(info, dict) else None
     return queue if isinstance(queue, str) and queue else None
 
 
 def _on_task_done(state: str) -> Any:
     def handler(sender: Any = None, **_: Any) -> None:
-        stats, queue = _worker_stats, _queue_of(sender)
-        if stats is not None and queue is not None and getattr(sender, "name", None):
+        stats = getattr(getattr(sender, "app", None), _APP_ATTRIBUTE, None)
+        queue = _queue_of(sender)
+        if isinstance(stats, WorkerStats) and queue is not None and getattr(sender, "name", None):
             stats.count(queue, state, str(sender.name))
 
     return handler
@@ -229,9 +234,10 @@ def install_worker_stats(app: Any, *, interval: float = 10.0) -> WorkerStats:
     while the worker is connected to the broker) and connects ``task_success`` and ``task_failure``.
     The queue of a task is its delivery routing key: the queue's name under Celery's default routing.
     """
-    global _worker_stats  # noqa: PLW0603 - one writer per process, shared by the signal handlers
-    if _worker_stats is not None:
-        return _worker_stats
+    global _signals_connected  # noqa: PLW0603 - the handlers are connected once per process, for every app
+    existing = getattr(app, _APP_ATTRIBUTE, None)
+    if isinstance(existing, WorkerStats):
+        return existing
     from celery import bootsteps  # noqa: PLC0415
 
     stats = WorkerStats(app, interval=interval)
@@ -262,7 +268,9 @@ def install_worker_stats(app: Any, *, interval: float = 10.0) -> WorkerStats:
             self.stop(parent)
 
     app.steps["consumer"].add(WorkerHeartbeat)
-    task_success.connect(_on_success, weak=False)
-    task_failure.connect(_on_failure, weak=False)
-    _worker_stats = stats
+    setattr(app, _APP_ATTRIBUTE, stats)
+    if not _signals_connected:
+        task_success.connect(_on_success, weak=False)
+        task_failure.connect(_on_failure, weak=False)
+        _signals_connected = True
     return stats
