@@ -10,7 +10,6 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def _worker_app(url: str) -> Celery:
 
 
 @pytest.fixture(scope="module")
-def scrape(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def scrape(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The /metrics text after a real worker ran 3 good and 1 failing task (queue io_intensive, pool io) and
     a controller ticked, with 150 tasks waiting on fast (nobody consumes them: the fast pool scales up)."""
     if redis_server.proc is None:  # a previous test stopped it
@@ -91,13 +90,13 @@ def scrape(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         server = HealthServer(host="127.0.0.1", port=0, metrics=metrics, readiness=lambda: (True, {}))
         server.start()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as answer:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as answer:
                 text: str = answer.read().decode()
         finally:
             server.stop()
     # A clean stop removes the worker's heartbeat: only a worker that died stays (and reads as down).
     assert client.hlen("_autoscaler:workers:io_intensive") == 0
-    yield text
+    return text
 
 
 def _declared(text: str) -> set[str]:
