@@ -14,7 +14,7 @@ the queues cannot say (``install_worker_stats(app)``, in the same module):
 
 * per queue, tasks that succeeded and failed, by task name: one HINCRBY on a small hash per finished task
   (``task_success`` / ``task_failure`` signals, in the process that ran the task);
-* per queue, a heartbeat per worker with its container's memory in use and its limit (cgroup files: no
+* per queue, a heartbeat per worker with its container's working set and memory limit (cgroup files: no
   Docker call), written every `interval` seconds from the worker's main loop, deleted at a clean stop.
 
 The autoscaler reads both in one script per tick (``sources/broker_stats.py``) and treats them as hostile
@@ -85,10 +85,12 @@ def install() -> None:
 def container_memory(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> (
     tuple[int | None, int | None]
 ):
-    """(bytes in use, limit or None) of this process's memory cgroup: the container's, in a container.
+    """(working set bytes, limit or None) of this process's memory cgroup: the container's, in a container.
 
-    What the kernel's OOM killer and Docker's memory limit judge, for all the worker's pool processes at
-    once; read from cgroup v2 (memory.current, memory.max) or v1 (memory.usage_in_bytes,
+    What Docker's memory limit and the OOM killer judge, for all the worker's pool processes at once. The
+    working set is usage minus the inactive page cache (what `docker stats` and cAdvisor's
+    container_memory_working_set_bytes show): a worker that reads big files is not leaking. Read from
+    cgroup v2 (memory.current, memory.stat, memory.max) or v1 (memory.usage_in_bytes, memory.stat,
     memory.limit_in_bytes). (None, None) when neither is readable.
     """
     try:
@@ -99,15 +101,29 @@ def container_memory(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Pa
     candidates = []
     if v2 is not None:
         for base in (root / v2.lstrip("/"), root):
-            candidates.append((base / "memory.current", base / "memory.max"))
-    candidates.append((root / "memory" / "memory.usage_in_bytes", root / "memory" / "memory.limit_in_bytes"))
-    for used_file, limit_file in candidates:
+            candidates.append((base / "memory.current", base / "memory.max", "inactive_file"))
+    v1 = root / "memory"
+    candidates.append((v1 / "memory.usage_in_bytes", v1 / "memory.limit_in_bytes", "total_inactive_file"))
+    for used_file, limit_file, inactive_key in candidates:
         used = _read_int(used_file)
         if used is not None:
+            inactive = _stat_value(used_file.parent / "memory.stat", inactive_key)
             limit = _read_int(limit_file)
             # cgroup v1 says "no limit" with a huge number (a page-rounded 2**63 - 1).
-            return used, limit if limit is not None and limit < 1 << 60 else None
+            return max(0, used - inactive), limit if limit is not None and limit < 1 << 60 else None
     return None, None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _read_int(path: Path) -> int | None:

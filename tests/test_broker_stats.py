@@ -197,7 +197,8 @@ def test_container_memory_reads_cgroup_v2_then_v1(tmp_path: Path) -> None:
     (tmp_path / "memory.max").write_text("max\n")
     assert container_memory(tmp_path, proc) == (12345, None)
     (tmp_path / "memory.max").write_text("1073741824\n")
-    assert container_memory(tmp_path, proc) == (12345, 1 << 30)
+    (tmp_path / "memory.stat").write_text("anon 10000\ninactive_file 2345\nactive_file 1\n")
+    assert container_memory(tmp_path, proc) == (10000, 1 << 30)  # the working set: page cache left out
     v1 = tmp_path / "v1"
     (v1 / "memory").mkdir(parents=True)
     (v1 / "memory" / "memory.usage_in_bytes").write_text("777\n")

@@ -13,7 +13,7 @@ the celery mixin's alerts (CeleryHighQueueLength, CeleryWorkerDown...) sum over 
 * ``celery_worker_up{hostname}``: 1 while a worker's heartbeat is younger than 3 of its intervals, then 0,
   and gone 10 minutes later (celery-exporter's purge);
 * ``autoscaler_worker_memory_bytes`` / ``autoscaler_worker_memory_limit_bytes{pool, hostname}``: the worker
-  container's memory (cgroup) from its heartbeat, for live workers;
+  container's working set (cgroup usage less inactive page cache) from its heartbeat, for live workers;
 * ``autoscaler_broker_memory_used_bytes`` / ``autoscaler_broker_memory_limit_bytes``: INFO memory's
   used_memory and maxmemory (0: no limit).
 """
@@ -115,7 +115,8 @@ class BrokerCollector(Collector):
         for host, value in sorted(snap.up.items()):
             up.add_metric([host], value)
         yield up
-        used = GaugeMetricFamily("autoscaler_worker_memory_bytes", "A worker container's memory in use (cgroup)",
+        used = GaugeMetricFamily("autoscaler_worker_memory_bytes",
+                                 "A worker container's working set (cgroup usage less inactive page cache)",
                                  labels=["pool", "hostname"])
         limit = GaugeMetricFamily("autoscaler_worker_memory_limit_bytes",
                                   "A worker container's memory limit (cgroup); absent when it has none",
