@@ -34,11 +34,13 @@ class Actuator:
         *,
         dry_run: bool,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.dry_run = dry_run
         self._clock = clock
+        self._wall_clock = wall_clock
 
     def scale(self, pool: PoolPolicy, decision: Decision) -> ActionResult:
         """Carry out a decision that changes the count; a hold is not an action and must not come here."""
@@ -55,6 +57,7 @@ class Actuator:
                 decision.reason,
             )
             self.metrics.actions.labels(pool.name, direction, "dry_run").inc()
+            self.metrics.observe_action(pool, decision, "dry_run", self._wall_clock())
             return ActionResult(ok=False, dry_run=True, error=None, seconds=0.0)
         started = self._clock()
         try:
@@ -75,6 +78,7 @@ class Actuator:
         seconds = self._clock() - started
         self.metrics.actions.labels(pool.name, direction, "ok").inc()
         self.metrics.action_duration.labels(pool.name, direction).observe(seconds)
+        self.metrics.observe_action(pool, decision, "ok", self._wall_clock())
         log.bind(seconds=round(seconds, 3)).info(
             "scaled {} from {} to {} in {:.2f}s: {}",
             pool.name,

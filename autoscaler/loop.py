@@ -27,7 +27,7 @@ from autoscaler.observability.logs import log_decision
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
-from autoscaler.sources.base import MetricSource, SourceError
+from autoscaler.sources.base import BrokerStatsReader, MetricSource, SourceError
 from autoscaler.state_store import StateFencedError, StateStoreError
 from autoscaler.types import MAX_DRAINING, Decision, Direction, Observation, PoolState, QueueStats
 
@@ -88,6 +88,8 @@ class Controller:
     dry_run: bool | None = None  # None: the policy's own `dry_run` decides
     clock: Callable[[], float] = time.time
     states: dict[str, PoolState] | None = None
+    stats: BrokerStatsReader | None = None  # broker memory, task counts, worker beats: for alerts, not decisions
+    interval: Callable[[Policy], float] | None = None  # the interval in force (settings may override the policy's)
     last_good_tick: float | None = None
     role: str = "starting"
     startup_grace: float = STARTUP_GRACE
@@ -124,8 +126,11 @@ class Controller:
         self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)
+        self.metrics.observe_policy(policy, self.interval(policy) if self.interval else policy.interval)
+        if self.stats is not None and metric_error is None:  # a broker the queue read could not reach: no 2nd try
+            self.metrics.observe_broker(self.stats, policy, policy.broker, started)
         dry_run = policy.dry_run if self.dry_run is None else self.dry_run
-        actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
+        actuator = Actuator(self.backend, self.metrics, dry_run=dry_run, wall_clock=self.clock)
 
         self._pools = tuple(policy.pools)
         reports = tuple(
@@ -182,7 +187,7 @@ class Controller:
             if lock_answered:
                 self.last_good_tick = self.clock()  # a standby's good tick is a lock check that answered
         self.role = "leader" if leader else "standby"
-        self.metrics.leader.set(1 if leader else 0)
+        self.metrics.set_leader(leader)
         return leader
 
     def _still_leading(self, what: str) -> bool:

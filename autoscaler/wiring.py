@@ -22,7 +22,8 @@ from autoscaler.policy.watch import PolicyWatcher
 from autoscaler.record import TraceRecorder
 from autoscaler.settings import Settings, SettingsError
 from autoscaler.sources.base import SourceError
-from autoscaler.sources.celery_redis import CeleryRedisSource
+from autoscaler.sources.broker_stats import RedisBrokerStats
+from autoscaler.sources.celery_redis import DEFAULT_TIMEOUT_S, CeleryRedisSource, redact_url
 from autoscaler.state_store import RedisStateStore, StateStoreError
 from autoscaler.types import Observation, PoolState, QueueStats
 
@@ -80,6 +81,8 @@ class App:
             if self.recorder is not None:
                 self.recorder.close()
             self.controller.source.close()
+            if self.controller.stats is not None:
+                self.controller.stats.close()
             self.controller.backend.close()
 
 
@@ -197,6 +200,9 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
         fence=fence,
         lease_ttl=lambda p: lease_ttl(settings, p),
         dry_run=settings.dry_run,
+        stats=RedisBrokerStats(CeleryRedisSource.connect(settings.redis_url, DEFAULT_TIMEOUT_S),
+                               where=redact_url(settings.redis_url)),
+        interval=lambda p: settings.interval or p.interval,
     )
     recorder = TraceRecorder(record) if record else None
     return App(controller=controller, settings=settings, watcher=watcher, recorder=recorder)

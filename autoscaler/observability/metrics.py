@@ -7,9 +7,12 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from autoscaler.observability.celery_metrics import BrokerCollector
+from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
+from autoscaler.sources.base import BrokerStatsReader, SourceError
 from autoscaler.types import Decision, QueueStats
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "action_kind"]
 
 _ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -97,8 +100,72 @@ class Metrics:
         self.policy_reloads = Counter(
             "autoscaler_policy_reloads", "Policy file reloads by result (ok, invalid)", ["result"], registry=r
         )
+        self._policy_gauges(r)
+        self.broker_stats_errors = Counter(
+            "autoscaler_broker_stats_errors", "Ticks whose broker stats read (memory, task counts) failed", registry=r
+        )
+        self.last_action = Gauge(
+            "autoscaler_pool_last_action_timestamp_seconds",
+            "When the pool's last action was taken (one series per pool: its direction, result and kind of "
+            "reason; Grafana annotations use the value as the time)",
+            ["pool", "direction", "result", "kind"],
+            registry=r,
+        )
+        self._last_action_labels: dict[str, tuple[str, str, str, str]] = {}
+        self.broker = BrokerCollector()
+        r.register(self.broker)
+
+    def _policy_gauges(self, r: CollectorRegistry) -> None:
+        self.pool_min = Gauge("autoscaler_pool_min_replicas", "The pool's min in the policy", ["pool"], registry=r)
+        self.pool_max = Gauge("autoscaler_pool_max_replicas", "The pool's max in the policy", ["pool"], registry=r)
+        self.pool_queue = Gauge(
+            "autoscaler_pool_queue_info", "1 for each queue a pool consumes (joins queues to pools)",
+            ["pool", "queue"], registry=r,
+        )
+        self.interval = Gauge("autoscaler_policy_interval_seconds", "Seconds between ticks in force", registry=r)
+        self._policy_seen: tuple[Policy, float] | None = None
+
+    def set_leader(self, leader: bool) -> None:
+        self.leader.set(1 if leader else 0)
+        self.broker.leading = leader
+
+    def observe_policy(self, policy: Policy, interval: float) -> None:
+        """The policy's bounds, queues and interval; series of pools or queues it no longer has are removed."""
+        if self._policy_seen is not None and self._policy_seen[0] is policy and self._policy_seen[1] == interval:
+            return
+        self._policy_seen = (policy, interval)
+        for gauge in (self.pool_min, self.pool_max, self.pool_queue):
+            gauge.clear()
+        for pool in policy.pools:
+            self.pool_min.labels(pool.name).set(pool.min)
+            self.pool_max.labels(pool.name).set(pool.max)
+            for queue in pool.queues:
+                self.pool_queue.labels(pool.name, queue).set(1)
+        self.interval.set(interval)
+
+    def observe_broker(self, reader: BrokerStatsReader, policy: Policy, broker: BrokerOptions, now: float) -> None:
+        """One broker stats read (never needed to decide: a failure leaves only these series out)."""
+        try:
+            stats = reader.read(policy.queues, broker)
+        except SourceError as exc:
+            self.broker_stats_errors.inc()
+            self.broker.forget_stats(str(exc))
+            return
+        for queue, kind, _ in stats.problems:
+            self.queue_read_problems.labels(queue, kind).inc()
+        self.broker.update(stats, policy, now)
+
+    def observe_action(self, pool: PoolPolicy, decision: Decision, result: str, now: float) -> None:
+        labels = (pool.name, str(decision.direction), result, action_kind(pool, decision))
+        old = self._last_action_labels.get(pool.name)
+        if old is not None and old != labels:
+            self.last_action.remove(*old)
+        self._last_action_labels[pool.name] = labels
+        self.last_action.labels(*labels).set(now)
 
     def observe_queues(self, queues: Iterable[QueueStats]) -> None:
+        queues = list(queues)
+        self.broker.observe_queues(queues)
         for q in queues:
             waiting, unacked, latency = self._queue_children(q.name)
             waiting.set(math.nan if q.error else q.waiting)
@@ -132,3 +199,17 @@ class Metrics:
         if decision.desired is not None:
             self.pool_desired.labels(decision.pool).set(decision.desired)
         self.pool_metric.labels(decision.pool).set(math.nan if decision.metric is None else decision.metric)
+
+
+def action_kind(pool: PoolPolicy, decision: Decision) -> str:
+    """A bounded name for why a pool was scaled (the reason itself is free text: it stays in the log)."""
+    current = decision.current if decision.current is not None else 0
+    if current < pool.min:
+        return "below_min"
+    if current > pool.max:
+        return "above_max"
+    if decision.details.get("repair") or "restoring" in decision.reason:
+        return "restore"
+    if "fallback to" in decision.reason:
+        return "fallback"
+    return pool.strategy

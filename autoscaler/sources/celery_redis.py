@@ -163,7 +163,7 @@ class CeleryRedisSource:
         self._broker = broker
         self._clock = clock
         self._owns_client = client is None
-        self._client = client if client is not None else self._connect(url or "", timeout_s)
+        self._client = client if client is not None else self.connect(url or "", timeout_s)
         self._where = redact_url(url) if url is not None else _describe_client(self._client)
         self._script = self._client.register_script(
             resources.files("autoscaler.sources").joinpath(_SCRIPT_RESOURCE).read_text(encoding="utf-8")
@@ -185,7 +185,7 @@ class CeleryRedisSource:
         self._warned: set[str] = set()  # problems already logged, so a lasting one is logged once
 
     @staticmethod
-    def _connect(url: str, timeout_s: float) -> redis.Redis:
+    def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
         # redis-py's own retries (on by default since 6.0, with backoff up to 10 s) would multiply
         # with ours and break the bound on a tick; tenacity alone decides.
         return redis.Redis.from_url(

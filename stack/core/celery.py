@@ -25,6 +25,10 @@ app.autodiscover_tasks()
 # Stamp every published message with its publish time (header read by the autoscaler's metric source to
 # measure queue latency). Installed here so that every producer -- web, loadgen, retries -- stamps.
 autoscaler.celery.install()
+# Workers count their finished tasks per queue and beat with their container's memory, in the broker: the
+# autoscaler exports them (celery_task_*_total, celery_worker_up, autoscaler_worker_memory_bytes) for the
+# alerts in deploy/prometheus/alerts.yaml. A producer that only imports this module writes nothing.
+autoscaler.celery.install_worker_stats(app)
 
 
 class LivenessFile(bootsteps.StartStopStep):
