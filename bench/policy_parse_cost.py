@@ -26,7 +26,7 @@ def shapes() -> dict[str, bytes]:
         b"x%d: &l%d [%s]\n" % (i, i, b", ".join([b"*l%d" % (i - 1)] * 10)) for i in range(1, 10)
     )
     merges = b"m0: &m0 {k0: 1}\n" + b"".join(
-        b"m%d: &m%d {<<: *m%d, k%d: 1}\n" % (i, i, i - 1, i) for i in range(1, 5000)
+        b"m%d: &m%d {<<: *m%d, k%d: 1}\n" % (i, i, i - 1, i) for i in range(1, 3500)
     )
     return {
         "shipped default.yaml": seed,

@@ -4,9 +4,9 @@ Whoever can write the policy file can put any bytes in it, so each stage is boun
 `Refusal(line, message)`, never another exception:
 
 - reading: regular files only (a FIFO would block the read, /dev/zero would never end), at most
-  MAX_POLICY_BYTES. ruamel's parser is pure Python (tens of KB/s on dense YAML, see bench/policy_parse_cost.py)
-  and a reload runs inside a tick, so the bounds keep a hostile version's one parse to about a second or two:
-  128 KiB and 20,000 values still hold ~250 pools (the shipped policies take ~520 bytes and ~46 values a pool);
+  MAX_POLICY_BYTES. ruamel's parser is pure Python (~50 KB/s on dense YAML) and a reload runs inside a tick,
+  so the bounds keep a hostile version's one parse under a second (bench/policy_parse_cost.py) while 128 KiB
+  and 20,000 values still hold ~250 pools (the shipped policies take ~520 bytes and ~46 values a pool);
 - decoding: UTF-8 (a UTF-8 byte-order mark is dropped; UTF-16/32 ones are refused by name); a bad byte, a
   control character, or a line separator that editors and the parser count differently is refused at its line;
 - parsing: explicit tags are limited to YAML's core ones and must fit their value (nothing is ever built
@@ -69,15 +69,12 @@ def read_policy_bytes(path: Path) -> bytes:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-regular file.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise Refusal(None, f"cannot read the policy file: {exc.strerror or exc}") from exc
-    with open(fd, "rb", closefd=True) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Refusal(None, "cannot read the policy file: it is not a regular file")
-        try:
+        with open(fd, "rb", closefd=True) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Refusal(None, "cannot read the policy file: it is not a regular file")
             data = f.read(MAX_POLICY_BYTES + 1)
-        except OSError as exc:
-            raise Refusal(None, f"cannot read the policy file: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise Refusal(None, f"cannot read the policy file: {getattr(exc, 'strerror', None) or exc}") from exc
     if len(data) > MAX_POLICY_BYTES:
         line = len(_BREAK_BYTES.findall(data, 0, MAX_POLICY_BYTES)) + 1
         raise Refusal(
@@ -233,7 +230,8 @@ class _GuardedComposer(Composer):
         if name in _SCALAR_TAGS - {f"{_CORE}str"}:
             inferred = str(self.resolver.resolve(ScalarNode, event.value, (True, False)))
             if inferred != name and (name, inferred) != (f"{_CORE}float", f"{_CORE}int"):
-                raise Refusal(line, f"{_short(name)} {_clip(event.value)!r}: the value is not a {_short(name)[2:]}")
+                shown = f"{_short(name)} {_clip(event.value)!r}"
+                raise Refusal(line, f"{shown}: the value is not a valid {_short(name)[2:]}")
 
 
 class _GuardedConstructor(RoundTripConstructor):
