@@ -235,7 +235,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         cwd=ROOT,
         timeout=120,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, **(env or {})},
     )
 
 
