@@ -150,6 +150,23 @@ def test_thousands_of_problems_are_summed_up_not_all_listed(policy_dir: Path) ->
     assert problems[-1].message == "4,900 more problems are not listed", problems[-1]
 
 
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        pytest.param(GOOD + b"    scale_in: !!bool 2\n", ":9: pools.fast.scale_in: ", id="bool-tag"),
+        pytest.param(_with_line(1, b"interval: !!float ''\n"), ":1: interval: ", id="float-tag"),
+        pytest.param(_with_line(1, b"interval: 2001-13-45\n"), ":1: interval: ", id="timestamp"),
+        pytest.param(_with_line(7, b"    max: &n 4\n").replace(b"min: 1", b"min: &n 1"), ":7: pools.fast.max: ",
+                     id="duplicate-anchor"),
+        pytest.param(_with_line(5, b"    queues: [fast, !!set x]\n"), ":5: pools.fast.queues[1]: ", id="set-tag"),
+    ],
+)
+def test_a_refusal_by_the_yaml_reader_names_its_field(policy_dir: Path, content: bytes, where: str) -> None:
+    path = policy_dir / "p.yaml"
+    path.write_bytes(content)
+    assert str(_refusal(path).problems[0]).startswith(f"{path}{where}")
+
+
 def test_a_python_tag_never_runs(policy_dir: Path) -> None:
     """A `!!python/object/apply` tag is refused, not turned into plain data, and never calls anything."""
     canary = policy_dir / "pwned"

@@ -84,7 +84,7 @@ def _parse_policy(text: str, source: str) -> Policy:
         check_characters(text)
         data = load_yaml(text)
     except Refusal as exc:
-        raise PolicyError([Problem(source, exc.line, "", exc.message)]) from exc
+        raise PolicyError([Problem(source, exc.line, _format_path(exc.path), exc.message)]) from exc
     if not isinstance(data, dict):
         raise PolicyError([Problem(source, 1, "", "the policy file must be a mapping with a `pools:` key")])
     pool_names = list(data["pools"].keys()) if isinstance(data.get("pools"), dict) else None

@@ -58,10 +58,11 @@ _BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 class Refusal(Exception):  # noqa: N818 - a refusal is the expected outcome of hostile input, not a fault
     """The file cannot be used; `line` is 1-based (None when the problem is the file, not a line of it)."""
 
-    def __init__(self, line: int | None, message: str) -> None:
+    def __init__(self, line: int | None, message: str, path: tuple[str | int, ...] = ()) -> None:
         super().__init__(message)
         self.line = line
         self.message = message
+        self.path = path  # keys and list indexes down to the value, where known
 
 
 def read_policy_bytes(path: Path) -> bytes:
@@ -162,13 +163,32 @@ class _GuardedComposer(Composer):
         # the line that passes the bound instead of after a quadratic merge chain.
         self._values = 0
         self._expanded: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+        self._path: list[str | int] = []
+        self.paths: dict[int, tuple[str | int, ...]] = {}  # id(node) -> its field path, for the constructor
 
     def compose_node(self, parent: Any, index: Any) -> Any:
+        # ruamel composes a mapping's key with index None, its value with the key node as index, and a list's
+        # item with its position: the field path, for the problems raised here and by the constructor.
+        if isinstance(parent, MappingNode) and index is not None:
+            self._path.append(str(index.value) if isinstance(index, ScalarNode) else "?")
+        elif isinstance(parent, SequenceNode):
+            self._path.append(index)
+        else:
+            self._path.append("")  # the root, or a key: named by its mapping's path
+        try:
+            return self._compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+    def _refusal(self, line: int, message: str) -> Refusal:
+        return Refusal(line, message, tuple(step for step in self._path if step != ""))
+
+    def _compose_node(self, parent: Any, index: Any) -> Any:
         event = self.parser.peek_event()
         line = event.start_mark.line + 1
         if isinstance(event, AliasEvent):
             if event.anchor in self._open_anchors:
-                raise Refusal(line, f"the alias *{event.anchor} refers to the node it is part of (a loop)")
+                raise self._refusal(line, f"the alias *{event.anchor} refers to the node it is part of (a loop)")
             node = super().compose_node(parent, index)  # an undefined alias raises here
             self._check_key(parent, index, node, line)
             self._count(self._expanded[id(node)], line)
@@ -176,12 +196,12 @@ class _GuardedComposer(Composer):
         anchor = event.anchor
         if anchor is not None and anchor in self.anchors:
             first = self.anchors[anchor].start_mark.line + 1
-            raise Refusal(line, f"the anchor &{anchor} is defined twice (first on line {first}): rename one")
+            raise self._refusal(line, f"the anchor &{anchor} is defined twice (first on line {first}): rename one")
         self._check_tag(event, line)
         self._count(1, line)
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise Refusal(line, f"the document is nested more than {MAX_DEPTH} levels deep")
+            raise self._refusal(line, f"the document is nested more than {MAX_DEPTH} levels deep")
         if anchor is not None:
             self._open_anchors.add(anchor)
         try:
@@ -194,21 +214,20 @@ class _GuardedComposer(Composer):
         if isinstance(node, MappingNode):
             children = [child for pair in node.value for child in pair]
         self._expanded[id(node)] = 1 + sum(self._expanded[id(child)] for child in children)
+        self.paths[id(node)] = tuple(step for step in self._path if step != "")
         self._check_key(parent, index, node, line)
         return node
 
-    @staticmethod
-    def _check_key(parent: Any, index: Any, node: Any, line: int) -> None:
-        # ruamel composes a mapping's key with index None (its value with the key as index). A list or a
-        # mapping as a key names nothing in a policy, and ruamel cannot hash a mapping nested in one.
+    def _check_key(self, parent: Any, index: Any, node: Any, line: int) -> None:
+        # A list or a mapping as a key names nothing in a policy, and ruamel cannot hash a mapping nested in one.
         if isinstance(parent, MappingNode) and index is None and not isinstance(node, ScalarNode):
             kind = "list" if isinstance(node, SequenceNode) else "mapping"
-            raise Refusal(line, f"a {kind} is used as a key: the keys of a policy are names")
+            raise self._refusal(line, f"a {kind} is used as a key: the keys of a policy are names")
 
     def _count(self, values: int, line: int) -> None:
         self._values += values
         if self._values > MAX_NODES:
-            raise Refusal(
+            raise self._refusal(
                 line, f"the document holds more than {MAX_NODES:,} values here (each alias counted as a copy "
                 "of what it refers to)"
             )
@@ -220,18 +239,18 @@ class _GuardedComposer(Composer):
         name = str(tag)
         kind = _TAG_KIND.get(name)
         if kind is None:
-            raise Refusal(
+            raise self._refusal(
                 line, f"the tag {_clip(_short(name))} is not allowed: a policy is plain YAML (strings, numbers, "
                 "booleans, null, lists and mappings)"
             )
         actual = {ScalarEvent: "scalar", SequenceStartEvent: "list", MappingStartEvent: "mapping"}[type(event)]
         if actual != kind:
-            raise Refusal(line, f"the tag {_short(name)} needs a {kind}, not a {actual}")
+            raise self._refusal(line, f"the tag {_short(name)} needs a {kind}, not a {actual}")
         if name in _SCALAR_TAGS - {f"{_CORE}str"}:
             inferred = str(self.resolver.resolve(ScalarNode, event.value, (True, False)))
             if inferred != name and (name, inferred) != (f"{_CORE}float", f"{_CORE}int"):
                 shown = f"{_short(name)} {_clip(event.value)!r}"
-                raise Refusal(line, f"{shown}: the value is not a valid {_short(name)[2:]}")
+                raise self._refusal(line, f"{shown}: the value is not a valid {_short(name)[2:]}")
 
 
 class _GuardedConstructor(RoundTripConstructor):
@@ -245,8 +264,13 @@ class _GuardedConstructor(RoundTripConstructor):
         except Exception as exc:
             value = f" {_clip(node.value)!r}" if isinstance(node, ScalarNode) else ""
             raise Refusal(
-                node.start_mark.line + 1, f"cannot read the value{value} as {_short(str(node.tag))}: {exc}"
+                node.start_mark.line + 1, f"cannot read the value{value} as {_short(str(node.tag))}: {exc}",
+                self._path_of(node),
             ) from exc
+
+    def _path_of(self, node: Any) -> tuple[str | int, ...]:
+        paths: dict[int, tuple[str | int, ...]] = getattr(getattr(self.loader, "composer", None), "paths", {})
+        return paths.get(id(node), ())
 
     # ruamel's round-trip constructor itself changes the signature of its base classes' method.
     def construct_mapping(self, node: Any, maptyp: Any, deep: bool = False) -> Any:  # type: ignore[override]
@@ -256,4 +280,4 @@ class _GuardedConstructor(RoundTripConstructor):
         except (Refusal, MarkedYAMLError):
             raise
         except Exception as exc:
-            raise Refusal(node.start_mark.line + 1, f"cannot read this mapping: {exc}") from exc
+            raise Refusal(node.start_mark.line + 1, f"cannot read this mapping: {exc}", self._path_of(node)) from exc
