@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from autoscaler.policy.load import PolicyError, Problem, load_policy
+from autoscaler.policy.load import PolicyError, Problem, parse_policy_bytes, read_policy_file
 from autoscaler.policy.model import Policy
 
 __all__ = ["FixedPolicy", "PolicyWatcher"]
@@ -24,22 +24,32 @@ class PolicyWatcher:
         leader lock's expiry): each message it returns refuses the reload like a validation error."""
         self.path = Path(path)
         self._check = check
-        self._digest = self._read_digest()
-        self.policy: Policy = load_policy(self.path)  # a bad file at start-up is fatal: nothing good to keep
+        data = read_policy_file(self.path)  # a bad file at start-up is fatal: nothing good to keep
+        self._version: str = _version_of(data)
+        self.policy: Policy = parse_policy_bytes(data, source=str(self.path))
         self.last_errors: list[str] = []
 
     def poll(self, *, force: bool = False) -> tuple[Policy, str | None]:
-        """The policy to use now, and "reloaded" / "invalid" / None (unchanged)."""
-        digest = self._read_digest()
-        if not force and digest == self._digest:
-            return self.policy, None
-        self._digest = digest
+        """The policy to use now, and "reloaded" / "invalid" / None (unchanged).
+
+        The bytes are read once (bounded) and both hashed and parsed, so the version judged is the version
+        remembered: a bad version is logged and counted once, and the next edit is judged afresh."""
         try:
-            policy = load_policy(self.path)
+            data: bytes | PolicyError = read_policy_file(self.path)
+        except PolicyError as exc:
+            data = exc
+        version = _version_of(data) if isinstance(data, bytes) else f"unreadable: {data}"
+        if not force and version == self._version:
+            return self.policy, None
+        self._version = version
+        if isinstance(data, PolicyError):
+            return self._refuse(data)
+        try:
+            policy = parse_policy_bytes(data, source=str(self.path))
         except PolicyError as exc:
             return self._refuse(exc)
         if self._check is not None and (messages := self._check(policy)):
-            return self._refuse(PolicyError([_located(self.path, message) for message in messages]))
+            return self._refuse(PolicyError([_located(self.path, data, message) for message in messages]))
         self.policy = policy
         self.last_errors = []
         logger.info("policy {} reloaded ({} pools)", self.path, len(policy.pools))
@@ -52,20 +62,15 @@ class PolicyWatcher:
         )
         return self.policy, "invalid"
 
-    def _read_digest(self) -> str | None:
-        try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
-        except OSError:
-            return None
+
+def _version_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _located(path: Path, message: str) -> Problem:
+def _located(path: Path, data: bytes, message: str) -> Problem:
     """A problem about a top-level field (`field: message`), at the line that sets it."""
     field, _, text = message.partition(": ")
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
+    lines = data.decode("utf-8", errors="replace").splitlines()
     pattern = re.compile(rf"^{re.escape(field)}\s*:")
     line = next((n for n, content in enumerate(lines, 1) if pattern.match(content)), None)
     return Problem(str(path), line, field, text)
