@@ -1,0 +1,122 @@
+"""What the live Celery workers say about themselves, over Celery's remote control (read-only broadcasts).
+
+Three inspect broadcasts: `active_queues` (what each worker consumes), `stats` (pool kind, concurrency,
+max-tasks-per-child as the pool really runs it, whatever set it: command line or configuration) and `conf`
+(the settings that differ from Celery's defaults: task_always_eager, worker_prefetch_multiplier, ...).
+They write only what remote control always writes: the broadcast (PUBLISH on the pidbox channel), its
+binding, and the reply queue the workers answer into, which kombu deletes after reading.
+
+`worker_facts` parses the replies: any worker can answer anything, so each field is checked and a worker
+whose answer makes no sense is kept with what could be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from autoscaler.doctor.findings import CannotCheckError
+from autoscaler.doctor.redact import printable, redact_url
+
+__all__ = ["WorkerFacts", "read_workers", "worker_facts"]
+
+MAX_WORKERS = 2000
+DEFAULT_PREFETCH_MULTIPLIER = 4  # Celery's default when `conf` does not list it
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFacts:
+    nodename: str  # celery@abc123
+    host: str  # abc123: the container's hostname under the usual -n name@%h
+    queues: frozenset[str] | None  # None: it did not answer active_queues
+    pool: str  # "prefork", "threads", "solo", "gevent", "eventlet", or "" if unknown
+    concurrency: int | None
+    max_tasks_per_child: int | None  # None: unlimited or unknown
+    max_memory_per_child: int | None
+    prefetch_multiplier: int | None
+    always_eager: bool | None  # None: conf did not answer
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _positive(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and 0 < value < 10**9 else None
+
+
+def _pool_kind(implementation: Any) -> str:
+    text = printable(implementation, 120).lower() if isinstance(implementation, str) else ""
+    for kind, marker in (("prefork", "prefork"), ("threads", "thread"), ("solo", "solo"), ("gevent", "gevent"),
+                         ("eventlet", "eventlet")):
+        if marker in text:
+            return kind
+    return ""
+
+
+def _queues(reply: Any) -> frozenset[str] | None:
+    if not isinstance(reply, list):
+        return None
+    return frozenset(printable(q.get("name"), 200) for q in reply[:1000]
+                     if isinstance(q, dict) and isinstance(q.get("name"), str))
+
+
+def _eager(conf: Mapping[str, Any] | None) -> bool | None:
+    if conf is None:
+        return None
+    for key in ("task_always_eager", "CELERY_TASK_ALWAYS_EAGER", "CELERY_ALWAYS_EAGER"):
+        if key in conf:
+            return conf[key] is True or (isinstance(conf[key], str) and conf[key].lower() in ("1", "true"))
+    return False  # not among the non-default settings: Celery's default, off
+
+
+def worker_facts(active_queues: Any, stats: Any, conf: Any) -> dict[str, WorkerFacts]:
+    """Nodename -> what that worker said, from the three inspect replies as received (any shape)."""
+    replies = [_dict(active_queues), _dict(stats), _dict(conf)]
+    nodes = sorted({n for r in replies for n in r if isinstance(n, str)})[:MAX_WORKERS]
+    found: dict[str, WorkerFacts] = {}
+    for node in nodes:
+        stat = _dict(replies[1].get(node))
+        pool = _dict(stat.get("pool"))
+        settings = replies[2].get(node)
+        settings = settings if isinstance(settings, dict) else None
+        multiplier = _positive((settings or {}).get("worker_prefetch_multiplier"))
+        if settings is not None and "worker_prefetch_multiplier" not in settings:
+            multiplier = DEFAULT_PREFETCH_MULTIPLIER
+        name = printable(node, 200)
+        found[name] = WorkerFacts(
+            nodename=name,
+            host=name.partition("@")[2] or name,
+            queues=_queues(replies[0].get(node)),
+            pool=_pool_kind(pool.get("implementation")),
+            concurrency=_positive(pool.get("max-concurrency")),
+            max_tasks_per_child=_positive(pool.get("max-tasks-per-child")),
+            max_memory_per_child=_positive((settings or {}).get("worker_max_memory_per_child")),
+            prefetch_multiplier=multiplier,
+            always_eager=_eager(settings),
+        )
+    return found
+
+
+def read_workers(broker_url: str, *, timeout: float) -> dict[str, WorkerFacts]:
+    """Ask every live worker (active_queues, stats, conf), each broadcast waiting `timeout` seconds."""
+    app = Celery("autoscaler-doctor", broker=broker_url, set_as_current=False)
+    app.conf.broker_connection_timeout = timeout
+    app.conf.broker_connection_retry = False
+    app.conf.broker_connection_max_retries = 0
+    try:
+        inspect = app.control.inspect(timeout=timeout)
+        queues, stats, conf = inspect.active_queues(), inspect.stats(), inspect.conf()
+    except Exception as exc:  # kombu/redis raise many kinds; the doctor reports them all the same way
+        raise CannotCheckError(
+            f"cannot ask the workers over the broker at {redact_url(broker_url)}: {printable(exc, 300)}") from None
+    finally:
+        app.close()
+    return worker_facts(queues, stats, conf)
