@@ -50,8 +50,9 @@ def drift_findings(pools: Mapping[str, Sequence[ContainerFacts]], web: Sequence[
         for what in (*DRIFT_VARIABLES, "image"):
             values = _values(containers, what)
             status = Status.FAIL if len(values) > 1 else Status.PASS
-            saw = (f"{len(containers)} containers differ: {_describe(what, values)}" if len(values) > 1
-                   else f"{len(containers)} containers alike ({_describe(what, values)})")
+            count = f"{len(containers)} container{'s' if len(containers) > 1 else ''}"
+            saw = (f"{count} differ: {_describe(what, values)}" if len(values) > 1
+                   else f"{count}: {_describe(what, values)}")
             findings.append(Finding("environment", f"{what} within the pool", status, saw, _WHY, _FIX, f"pool {pool}"))
     workers = [c for cs in running.values() for c in cs]
     web_running = [c for c in web if c.running]

@@ -154,6 +154,8 @@ def address_findings(checked: Sequence[ContainerFacts], everyone: Sequence[Conta
             findings.append(Finding("networking", "environment size", Status.WARN,
                                     "more environment entries than the doctor reads; the rest was not checked",
                                     "", "", container.name))
+    if not any(c.running for c in checked):
+        return findings
     looked = ", ".join(ADDRESS_VARIABLES) + ", *" + ", *".join(_ADDRESS_SUFFIXES)
     status = Status.PASS if seen else Status.WARN
     findings.append(Finding("networking", "variables read", status,

@@ -105,6 +105,15 @@ def worker_facts(active_queues: Any, stats: Any, conf: Any) -> dict[str, WorkerF
     return found
 
 
+def _no_unacked_restore(channel: Any) -> None:
+    """Keep kombu from moving tasks: while it polls for replies, its Redis channel would also restore unacked
+    messages older than the visibility timeout to their queues (taking the `unacked_mutex` key to do it).
+    That is the workers' job; the doctor only reads, so this channel's restore does nothing."""
+    qos = getattr(channel, "qos", None)
+    if qos is not None and hasattr(qos, "restore_visible"):
+        qos.restore_visible = lambda *_args, **_kwargs: None
+
+
 def read_workers(broker_url: str, *, timeout: float) -> dict[str, WorkerFacts]:
     """Ask every live worker (active_queues, stats, conf), each broadcast waiting `timeout` seconds."""
     app = Celery("autoscaler-doctor", broker=broker_url, set_as_current=False)
@@ -112,8 +121,10 @@ def read_workers(broker_url: str, *, timeout: float) -> dict[str, WorkerFacts]:
     app.conf.broker_connection_retry = False
     app.conf.broker_connection_max_retries = 0
     try:
-        inspect = app.control.inspect(timeout=timeout)
-        queues, stats, conf = inspect.active_queues(), inspect.stats(), inspect.conf()
+        with app.connection_for_read() as connection:
+            _no_unacked_restore(connection.default_channel)
+            inspect = app.control.inspect(timeout=timeout, connection=connection)
+            queues, stats, conf = inspect.active_queues(), inspect.stats(), inspect.conf()
     except Exception as exc:  # kombu/redis raise many kinds; the doctor reports them all the same way
         raise CannotCheckError(
             f"cannot ask the workers over the broker at {redact_url(broker_url)}: {printable(exc, 300)}") from None
