@@ -305,3 +305,24 @@ def test_exit_codes(statuses: list[Status], strict: bool, code: int) -> None:
     assert exit_code(findings, strict=strict) == code
     assert json.loads(render_json(findings, strict=strict))["exit_code"] == code
     assert render_text(findings, strict=strict).endswith(f"exit {code}")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80) | st.from_regex(r"[a-z+]{1,10}://[^/]{0,40}(/[^ ]{0,20})?", fullmatch=True))
+def test_any_url_is_read_or_refused_never_a_traceback(url: str) -> None:
+    host_of(url)
+    shown = redact_url(url)
+    assert isinstance(shown, str)
+
+
+def test_broken_urls_and_unreachable_sources_are_unknown_never_a_traceback(tmp_path: Any) -> None:
+    from autoscaler.doctor.runner import DoctorOptions, run_doctor  # noqa: PLC0415
+    from autoscaler.policy.model import Policy  # noqa: PLC0415
+
+    policy = Policy.model_validate({"pools": [pool().model_dump()]})
+    findings = run_doctor(DoctorOptions(policy=policy, redis_url="redis://:sEcr3t@[::1", docker_host="tcp://127.0.0.1:1",
+                                        database_url="postgresql://u:sEcr3t@[bad/db"))
+    assert {f.area: f.status for f in findings} == {"broker": Status.UNKNOWN, "environment": Status.UNKNOWN,
+                                                    "postgres": Status.UNKNOWN}
+    assert exit_code(findings) == 2
+    assert "sEcr3t" not in all_text(findings)

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from autoscaler.doctor.findings import CannotCheckError, Finding, Status
-from autoscaler.doctor.redact import printable, redact_url
+from autoscaler.doctor.redact import printable, redact_url, safe_error
 
 __all__ = ["MEMORY_FAIL_PERCENT", "MEMORY_WARN_PERCENT", "BrokerFacts", "broker_findings", "read_broker"]
 
@@ -136,7 +136,7 @@ def read_broker(client: redis.Redis, url: str) -> BrokerFacts:
     try:
         info = client.info("all")
     except redis.RedisError as exc:
-        raise CannotCheckError(f"cannot read INFO from the broker at {shown}: {printable(exc)}") from None
+        raise CannotCheckError(f"cannot read INFO from the broker at {shown}: {safe_error(exc)}") from None
     config: dict[str, Any] = {}
     for name in ("maxmemory-policy", "save", "maxmemory"):
         try:

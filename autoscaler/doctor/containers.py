@@ -10,6 +10,7 @@ missing fields, thousands of environment entries, non-UTF-8 text.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ import requests
 
 from autoscaler.backends.compose_model import PROJECT_LABEL, SERVICE_LABEL
 from autoscaler.doctor.findings import CannotCheckError
-from autoscaler.doctor.redact import printable
+from autoscaler.doctor.redact import printable, safe_error
 
 __all__ = [
     "MAX_CONTAINERS",
@@ -155,7 +156,7 @@ class EngineReader:
             self._api = docker.APIClient(timeout=int(max(1, timeout)), **kwargs)
             self._api.ping()
         except _ENGINE_ERRORS as exc:
-            raise CannotCheckError(f"cannot reach the Docker engine: {printable(exc, 300)}") from None
+            raise CannotCheckError(f"cannot reach the Docker engine: {safe_error(exc, 300)}") from None
         self._lock = threading.Lock()
 
     def project_containers(self, project: str) -> tuple[list[ContainerFacts], bool]:
@@ -163,7 +164,7 @@ class EngineReader:
         try:
             listed = self._api.containers(all=True, filters={"label": [f"{PROJECT_LABEL}={project}"]})
         except _ENGINE_ERRORS as exc:
-            raise CannotCheckError(f"cannot list the containers of project {project}: {printable(exc, 300)}") from None
+            raise CannotCheckError(f"cannot list the containers of project {project}: {safe_error(exc, 300)}") from None
         found: list[ContainerFacts] = []
         entries = listed if isinstance(listed, list) else []
         for entry in entries[:MAX_CONTAINERS]:
@@ -173,6 +174,14 @@ class EngineReader:
             except _ENGINE_ERRORS:
                 continue  # removed between the listing and the inspect
         return found, len(entries) > MAX_CONTAINERS
+
+    def own_project(self) -> str | None:
+        """The Compose project of the container the doctor runs in (`compose run autoscaler doctor`), if any."""
+        try:
+            own = container_facts(self._api.inspect_container(socket.gethostname()))
+        except _ENGINE_ERRORS:
+            return None  # not in a container, or not one the engine (or its proxy) shows
+        return own.project or None
 
     def memory_samples(self, containers: Sequence[ContainerFacts], *, samples: int, interval: float,
                        stop: Callable[[], bool] | None = None) -> dict[str, list[int]]:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from autoscaler.doctor.containers import ContainerFacts
 from autoscaler.doctor.findings import Finding, Status
-from autoscaler.doctor.redact import printable, shown_value
+from autoscaler.doctor.redact import printable, safe_error, shown_value
 
 __all__ = ["ADDRESS_VARIABLES", "Address", "address_findings", "addresses", "host_of", "resolvable_names"]
 
@@ -60,7 +60,7 @@ def host_of(value: str) -> tuple[str | None, str]:
             parts = urlsplit("//" + netloc)
         host = parts.hostname
     except ValueError as exc:
-        return None, f"not a URL ({printable(exc, 80)})"
+        return None, f"not a URL ({safe_error(exc, 80)})"
     if not host:
         return None, "no host in it"
     return host, ""

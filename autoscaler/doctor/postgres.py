@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from autoscaler.doctor.containers import ContainerFacts
 from autoscaler.doctor.findings import CannotCheckError, Finding, Status
-from autoscaler.doctor.redact import printable, redact_url
+from autoscaler.doctor.redact import redact_url, safe_error
 from autoscaler.doctor.workers import WorkerFacts
 from autoscaler.policy.connections import PoolConnections, worst_case_connections
 from autoscaler.policy.model import PoolPolicy
@@ -102,9 +102,9 @@ def read_postgres(url: str, *, timeout: float) -> PostgresFacts:
             reserved = conn.execute("SHOW superuser_reserved_connections").fetchone()
             in_use = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
     except Exception as exc:  # psycopg.Error, a malformed URL (ProgrammingError), DNS: all "cannot check"
-        raise CannotCheckError(f"cannot read PostgreSQL at {shown}: {printable(redact_url(str(exc)), 300)}") from None
+        raise CannotCheckError(f"cannot read PostgreSQL at {shown}: {safe_error(exc)}") from None
     try:
         return PostgresFacts(shown, int(max_connections[0]) if max_connections else 0,
                              int(reserved[0]) if reserved else 0, int(in_use[0]) if in_use else 0)
     except (TypeError, ValueError) as exc:
-        raise CannotCheckError(f"PostgreSQL at {shown} answered oddly: {printable(exc)}") from None
+        raise CannotCheckError(f"PostgreSQL at {shown} answered oddly: {safe_error(exc)}") from None

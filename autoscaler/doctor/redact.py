@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["REDACTED", "is_secret_name", "printable", "redact_text", "redact_url", "shown_value"]
+__all__ = ["REDACTED", "is_secret_name", "printable", "redact_text", "redact_url", "safe_error", "shown_value"]
 
 REDACTED = "***"
 MAX_SHOWN = 160
@@ -20,6 +20,9 @@ _SECRET_NAME = re.compile(r"PASSW(OR)?D|SECRET|(^|_)KEY$|_KEY_|TOKEN|CREDENTIAL|
 _SECRET_QUERY = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 # user:password@ anywhere in free text (an URL inside a longer value, a malformed URL).
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
+# key=value secrets in free text: libpq conninfo strings ("host=db password=x"), error messages quoting them.
+_KEYWORD = re.compile(r"(?P<key>\b(?:password|passwd|pwd|requirepass|token|secret)\s*[=:]\s*)(?P<value>'[^']*'|[^\s&;,]+)",
+                      re.IGNORECASE)
 
 
 def printable(value: object, limit: int = MAX_SHOWN) -> str:
@@ -47,13 +50,20 @@ def redact_url(url: str) -> str:
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
             query = urlencode([(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return redact_text(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
     except ValueError:
         return redact_text(url)
 
 
 def redact_text(text: str) -> str:
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    """Free text (an error message, a conninfo string) with URL passwords and `password=...` values hidden."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return _KEYWORD.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+def safe_error(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as the doctor may print it: secrets hidden, one bounded printable line."""
+    return printable(redact_text(str(exc)), limit)
 
 
 def shown_value(name: str, value: str) -> str:

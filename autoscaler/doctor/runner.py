@@ -21,7 +21,7 @@ from autoscaler.doctor.findings import CannotCheckError, Finding, Status
 from autoscaler.doctor.memory import memory_findings
 from autoscaler.doctor.networking import address_findings
 from autoscaler.doctor.postgres import postgres_findings, read_postgres
-from autoscaler.doctor.redact import printable, redact_url
+from autoscaler.doctor.redact import printable, redact_url, safe_error
 from autoscaler.doctor.routing import eager_worker_findings, pool_worker_map, prefetch_findings, routing_findings
 from autoscaler.doctor.workers import WorkerFacts, read_workers
 from autoscaler.policy.model import Policy
@@ -71,7 +71,7 @@ def declared_queues(client: redis.Redis, prefix: str = "") -> set[str]:
 
 
 def _unknown(area: str, what: str, exc: Exception) -> Finding:
-    return Finding(area, what, Status.UNKNOWN, printable(exc, 400), "the doctor cannot vouch for what it cannot read",
+    return Finding(area, what, Status.UNKNOWN, safe_error(exc, 400), "the doctor cannot vouch for what it cannot read",
                    "make it reachable from where the doctor runs, or run the doctor beside the stack")
 
 
@@ -81,6 +81,7 @@ def _containers(options: DoctorOptions, engine: EngineReader, findings: list[Fin
     everyone: dict[str, ContainerFacts] = {}
     web: list[ContainerFacts] = []
     listed: dict[str, list[ContainerFacts]] = {}
+    own_project: str | None = None
     for pool in options.policy.pools:
         if pool.target.compose is None:
             findings.append(Finding("environment", "containers", Status.WARN,
@@ -89,9 +90,13 @@ def _containers(options: DoctorOptions, engine: EngineReader, findings: list[Fin
             continue
         raw = pool.target.compose.project or options.compose_project
         if not raw:
+            # As the controller does: run as a service of the project, the doctor checks its own project.
+            own_project = own_project or engine.own_project()
+            raw = own_project
+        if not raw:
             findings.append(Finding("environment", "containers", Status.UNKNOWN,
-                                    "no Compose project: set target.compose.project or AUTOSCALER_COMPOSE_PROJECT",
-                                    subject=f"pool {pool.name}"))
+                                    "no Compose project: set target.compose.project or AUTOSCALER_COMPOSE_PROJECT "
+                                    "(or run the doctor as a service of the project)", subject=f"pool {pool.name}"))
             continue
         project = normalize_project(raw)
         if project not in listed:
@@ -138,7 +143,7 @@ def _read_broker(options: DoctorOptions, got: _Readings) -> None:
         got.client = None
     except (ValueError, redis.RedisError) as exc:
         got.findings.append(_unknown("broker", "broker", CannotCheckError(
-            f"cannot use the broker URL {redact_url(options.redis_url)}: {printable(exc)}")))
+            f"cannot use the broker URL {redact_url(options.redis_url)}: {safe_error(exc)}")))
         got.client = None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 
 from autoscaler.doctor.findings import CannotCheckError
-from autoscaler.doctor.redact import printable, redact_url
+from autoscaler.doctor.redact import printable, redact_url, safe_error
 
 __all__ = ["WorkerFacts", "read_workers", "worker_facts"]
 
@@ -127,7 +127,7 @@ def read_workers(broker_url: str, *, timeout: float) -> dict[str, WorkerFacts]:
             queues, stats, conf = inspect.active_queues(), inspect.stats(), inspect.conf()
     except Exception as exc:  # kombu/redis raise many kinds; the doctor reports them all the same way
         raise CannotCheckError(
-            f"cannot ask the workers over the broker at {redact_url(broker_url)}: {printable(exc, 300)}") from None
+            f"cannot ask the workers over the broker at {redact_url(broker_url)}: {safe_error(exc, 300)}") from None
     finally:
         app.close()
     return worker_facts(queues, stats, conf)
