@@ -229,6 +229,10 @@ def test_worker_replies_are_read() -> None:
     assert (w.host, w.queues, w.pool, w.concurrency, w.max_tasks_per_child, w.prefetch_multiplier, w.always_eager) == (
         "abc", frozenset({"fast"}), "prefork", 8, 500, 1, True)
     assert worker_facts(*replies("celery@x", []))["celery@x"].prefetch_multiplier == 4  # Celery's default
+    # Django's namespace (config_from_object(..., namespace="CELERY")) keeps the settings' own names.
+    django = worker_facts(*replies("celery@d", [], conf={"CELERY_WORKER_PREFETCH_MULTIPLIER": 1,
+                                                         "CELERY_TASK_ALWAYS_EAGER": True}))["celery@d"]
+    assert (django.prefetch_multiplier, django.always_eager) == (1, True)
 
 
 @settings(max_examples=300, deadline=None)
@@ -326,3 +330,19 @@ def test_broken_urls_and_unreachable_sources_are_unknown_never_a_traceback(tmp_p
                                                     "postgres": Status.UNKNOWN}
     assert exit_code(findings) == 2
     assert "sEcr3t" not in all_text(findings)
+
+
+@pytest.mark.redis
+def test_declared_queues_are_read_from_kombus_bindings(redis_url: str) -> None:
+    import redis  # noqa: PLC0415
+
+    from autoscaler.doctor.runner import declared_queues  # noqa: PLC0415
+
+    client = redis.Redis.from_url(redis_url)
+    sep = "\x06\x16"
+    client.sadd("_kombu.binding.orphan", f"orphan{sep}{sep}orphan")
+    client.sadd("_kombu.binding.celery.pidbox", f"{sep}{sep}celery@x.celery.pidbox")
+    client.sadd("_kombu.binding.odd", b"\xff\xfe" + sep.encode() * 2 + b"caf\xc3\xa9")
+    client.set("_kombu.binding.string", "not a set")
+    assert declared_queues(client) == {"orphan", "café"}
+    client.close()

@@ -21,8 +21,9 @@ _SECRET_QUERY = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 # user:password@ anywhere in free text (an URL inside a longer value, a malformed URL).
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
 # key=value secrets in free text: libpq conninfo strings ("host=db password=x"), error messages quoting them.
-_KEYWORD = re.compile(r"(?P<key>\b(?:password|passwd|pwd|requirepass|token|secret)\s*[=:]\s*)(?P<value>'[^']*'|[^\s&;,]+)",
-                      re.IGNORECASE)
+_KEYWORD = re.compile(
+    r"(?P<key>\b(?:password|passwd|pwd|requirepass|token|secret)\s*[=:]\s*)(?P<value>'[^']*'|[^\s&;,]+)",
+    re.IGNORECASE)
 
 
 def printable(value: object, limit: int = MAX_SHOWN) -> str:

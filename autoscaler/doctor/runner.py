@@ -8,8 +8,10 @@ max(memory window, 3 x the inspect timeout) plus the reads.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import redis
 
@@ -33,6 +35,7 @@ __all__ = ["DoctorOptions", "declared_queues", "run_doctor"]
 
 _BINDING_SEP = "\x06\x16"
 MAX_BINDING_KEYS = 500
+MAX_SCAN_CALLS = 200
 MAX_QUEUES = 1000
 
 
@@ -53,13 +56,22 @@ class DoctorOptions:
 
 
 def declared_queues(client: redis.Redis, prefix: str = "") -> set[str]:
-    """Queue names kombu declared (its `_kombu.binding.*` sets), without Celery's own pidbox/event queues."""
-    found: set[str] = set()
-    for count, key in enumerate(client.scan_iter(match=f"{prefix}_kombu.binding.*", count=1000)):
-        if count >= MAX_BINDING_KEYS:
+    """Queue names kombu declared (its `_kombu.binding.*` sets), without Celery's own pidbox/event queues.
+
+    Bounded: at most MAX_SCAN_CALLS SCAN steps (a keyspace of millions is not walked to the end) and
+    MAX_BINDING_KEYS binding sets; queues beyond are not listed (the policy's queues always are)."""
+    keys: list[Any] = []
+    cursor: Any = 0
+    for _ in range(MAX_SCAN_CALLS):
+        cursor, batch = cast("tuple[Any, list[Any]]",
+                             client.scan(cursor=cursor, match=f"{prefix}_kombu.binding.*", count=1000))
+        keys.extend(batch)
+        if not cursor or len(keys) >= MAX_BINDING_KEYS:
             break
+    found: set[str] = set()
+    for key in keys[:MAX_BINDING_KEYS]:
         try:
-            members = list(client.sscan_iter(key, count=1000))[:MAX_QUEUES]
+            members = list(itertools.islice(client.sscan_iter(key, count=1000), MAX_QUEUES))
         except redis.ResponseError:
             continue  # not a set: someone else's key
         for member in members:

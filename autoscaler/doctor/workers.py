@@ -2,7 +2,8 @@
 
 Three inspect broadcasts: `active_queues` (what each worker consumes), `stats` (pool kind, concurrency,
 max-tasks-per-child as the pool really runs it, whatever set it: command line or configuration) and `conf`
-(the settings that differ from Celery's defaults: task_always_eager, worker_prefetch_multiplier, ...).
+(the settings that differ from Celery's defaults: task_always_eager, worker_prefetch_multiplier, ...; under
+a namespace when the app reads them from Django settings, CELERY_TASK_ALWAYS_EAGER).
 They write only what remote control always writes: the broadcast (PUBLISH on the pidbox channel), its
 binding, and the reply queue the workers answer into, which kombu deletes after reading.
 
@@ -21,7 +22,7 @@ from celery import Celery
 from autoscaler.doctor.findings import CannotCheckError
 from autoscaler.doctor.redact import printable, redact_url, safe_error
 
-__all__ = ["WorkerFacts", "read_workers", "worker_facts"]
+__all__ = ["WorkerFacts", "read_workers", "setting", "worker_facts"]
 
 MAX_WORKERS = 2000
 DEFAULT_PREFETCH_MULTIPLIER = 4  # Celery's default when `conf` does not list it
@@ -68,13 +69,34 @@ def _queues(reply: Any) -> frozenset[str] | None:
                      if isinstance(q, dict) and isinstance(q.get("name"), str))
 
 
+def setting(conf: Mapping[str, Any], name: str, *old: str) -> Any:
+    """A Celery setting from a `conf` reply, under its own name, a namespaced one (Django's
+    `app.config_from_object(..., namespace="CELERY")` keeps CELERY_WORKER_PREFETCH_MULTIPLIER), or an old name;
+    None if absent."""
+    suffix = "_" + name.lower()
+    for key, value in conf.items():
+        if isinstance(key, str) and (key.lower() == name or key.lower().endswith(suffix) or key.upper() in old):
+            return value
+    return None
+
+
 def _eager(conf: Mapping[str, Any] | None) -> bool | None:
     if conf is None:
         return None
-    for key in ("task_always_eager", "CELERY_TASK_ALWAYS_EAGER", "CELERY_ALWAYS_EAGER"):
-        if key in conf:
-            return conf[key] is True or (isinstance(conf[key], str) and conf[key].lower() in ("1", "true"))
-    return False  # not among the non-default settings: Celery's default, off
+    value = setting(conf, "task_always_eager", "CELERY_ALWAYS_EAGER")
+    # Absent from the non-default settings: Celery's default, off.
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"))
+
+
+def _multiplier(conf: Mapping[str, Any] | None, stat: Mapping[str, Any], concurrency: int | None) -> int | None:
+    if conf is not None:
+        configured = _positive(setting(conf, "worker_prefetch_multiplier", "CELERYD_PREFETCH_MULTIPLIER"))
+        if configured:
+            return configured
+    prefetch = _positive(stat.get("prefetch_count"))  # the consumer's qos now: concurrency x multiplier
+    if prefetch and concurrency:
+        return max(1, prefetch // concurrency)
+    return DEFAULT_PREFETCH_MULTIPLIER if conf is not None else None
 
 
 def worker_facts(active_queues: Any, stats: Any, conf: Any) -> dict[str, WorkerFacts]:
@@ -87,19 +109,18 @@ def worker_facts(active_queues: Any, stats: Any, conf: Any) -> dict[str, WorkerF
         pool = _dict(stat.get("pool"))
         settings = replies[2].get(node)
         settings = settings if isinstance(settings, dict) else None
-        multiplier = _positive((settings or {}).get("worker_prefetch_multiplier"))
-        if settings is not None and "worker_prefetch_multiplier" not in settings:
-            multiplier = DEFAULT_PREFETCH_MULTIPLIER
+        concurrency = _positive(pool.get("max-concurrency"))
         name = printable(node, 200)
         found[name] = WorkerFacts(
             nodename=name,
             host=name.partition("@")[2] or name,
             queues=_queues(replies[0].get(node)),
             pool=_pool_kind(pool.get("implementation")),
-            concurrency=_positive(pool.get("max-concurrency")),
+            concurrency=concurrency,
             max_tasks_per_child=_positive(pool.get("max-tasks-per-child")),
-            max_memory_per_child=_positive((settings or {}).get("worker_max_memory_per_child")),
-            prefetch_multiplier=multiplier,
+            max_memory_per_child=_positive(setting(settings or {}, "worker_max_memory_per_child",
+                                                   "CELERYD_MAX_MEMORY_PER_CHILD")),
+            prefetch_multiplier=_multiplier(settings, stat, concurrency),
             always_eager=_eager(settings),
         )
     return found
