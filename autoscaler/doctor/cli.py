@@ -39,7 +39,7 @@ def doctor(*, policy_path: str | None, database_url: str | None, as_json: bool, 
     """Check the broker, workers, containers and PostgreSQL for the seed's outages; read-only.
 
     Each check prints PASS, WARN or FAIL, what it saw, why it matters and the fix. Exit 0 when nothing
-    FAILs (WARNs too with --strict), 1 on a FAIL, 2 when something could not be checked.
+    FAILs (with --strict: nothing WARNs either), 1 on a FAIL, 2 when something could not be checked.
     """
     try:
         settings = load_settings(policy=policy_path)
