@@ -1,4 +1,4 @@
-"""The `autoscaler` command: run, status, validate, schema (and simulate, for tuning)."""
+"""The `autoscaler` command: run, status, validate, schema, doctor (and simulate, for tuning)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,10 @@ def status(policy_path: str | None, as_json: bool) -> None:
 from autoscaler.simulate.cli import simulate  # noqa: E402 - registered last, beside the other commands
 
 main.add_command(simulate)
+
+from autoscaler.doctor.cli import doctor  # noqa: E402
+
+main.add_command(doctor)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -193,6 +193,7 @@ def docker_py_requests() -> Iterator[list[tuple[str, str, bytes]]]:
     api.remove_container("a" * 64, v=True)
     api.remove_container("a" * 64, v=True, force=True)
     api.connect_container_to_network("a" * 64, "stack_backend", aliases=["stack-worker-fast-3", "workers"])
+    api.stats("a" * 64, stream=False, one_shot=True)  # autoscaler doctor's memory sample
     yield seen
     api.close()
     server.shutdown()
@@ -210,7 +211,7 @@ def test_every_call_the_backend_makes_matches_its_rule_as_docker_py_spells_it(
         assert set(query) == {kv.split("=")[0] for kv in raw_query.split("&") if kv}, target
     assert names == ["ping", "list containers", "inspect container", "inspect image", "inspect image",
                      "read events", "create container", "start container", "stop container", "remove container",
-                     "remove container", "connect container to network"]
+                     "remove container", "connect container to network", "container stats"]
 
 
 @pytest.mark.parametrize(("method", "target", "reason"), [
@@ -238,6 +239,9 @@ def test_every_call_the_backend_makes_matches_its_rule_as_docker_py_spells_it(
     ("POST", "/v1.41/containers/create", "'name' is required"),
     ("POST", "/v1.41/containers/create?name=../x", "not a container name"),
     ("POST", "/v1.41/containers/create?name=x;y", "not a container name"),
+    ("GET", "/v1.41/containers/x/stats", "'one-shot' is required"),
+    ("GET", "/v1.41/containers/x/stats?stream=True&one-shot=True", "not one of False"),
+    ("GET", "/v1.41/containers/x/stats?stream=False&one-shot=False", "not one of True"),
 ])
 def test_other_calls_and_parameters_are_refused(method: str, target: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

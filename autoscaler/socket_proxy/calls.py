@@ -1,4 +1,5 @@
-"""The allow-list: every Engine API call the Compose and Swarm backends make, with exactly the query they send.
+"""The allow-list: every Engine API call the Compose and Swarm backends (and `autoscaler doctor`) make, with exactly
+the query they send.
 
 One `Call` per allowed call: its method, its path (after an optional `/v1.NN` version prefix), the query
 parameters it may carry (each with a check that also gives the value's canonical spelling), and what the
@@ -160,6 +161,11 @@ CALLS: tuple[Call, ...] = (
     Call("inspect container", "GET", "/containers/{container}/json",
          target=Target.PROJECT_CONTAINER),
     Call("inspect image", "GET", "/images/{image}/json"),
+    # `autoscaler doctor`'s memory samples: docker-py's stats(stream=False, one_shot=True), one answer each
+    # (never a stream, which would hold a proxy connection open).
+    Call("container stats", "GET", "/containers/{container}/stats",
+         {"stream": exactly("False"), "one-shot": exactly("True")}, required=frozenset({"stream", "one-shot"}),
+         target=Target.PROJECT_CONTAINER),
     # Bounded (until given): an OOM kill's events, read to tell it from another SIGKILL.
     Call("read events", "GET", "/events",
          {"since": timestamp, "until": timestamp, "filters": event_filters}, required=frozenset({"until"})),
