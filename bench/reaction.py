@@ -247,9 +247,10 @@ class ModeRun:
         new_workers = [t for host, t in firsts.items() if host not in consuming]
         by_start = sorted(firsts.values())
         started = events.new_since(published_at - 0.5, known)
-        boots = [{"host": cid[:12], "started_s": _since(t, t100),
-                  "first_task_s": _since(firsts.get(cid[:12]), t100),
-                  "boot_s": _since(firsts.get(cid[:12]), t)} for t, cid in started]
+        # Boot: from a new container's start to its first task (its hostname is its short id).
+        boot_s = [_since(firsts.get(cid[:12]), t) for t, cid in started]
+        boots = [{"host": cid[:12], "started_s": _since(t, t100), "first_task_s": _since(firsts.get(cid[:12]), t100),
+                  "boot_s": boot} for (t, cid), boot in zip(started, boot_s, strict=True)]
         ticks = [t for t in controller.tick_times("fast") if t100 is not None and t <= t100]
         return {
             "burst": burst,
@@ -264,7 +265,7 @@ class ModeRun:
             "actions": [{"at_s": _since(a["start"], t100), "current": a.get("current"),
                          "desired": a.get("desired"), "seconds": a.get("seconds")} for a in actions],
             "boots": boots,
-            "boot_s": summarize([b["boot_s"] for b in boots]),
+            "boot_s": summarize(boot_s),
             "workers_used": len(firsts),
             "lost": cfg.tasks - done,
             "duplicates": max(runs - done, 0),
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     client = docker.from_env(timeout=120)
     run_id = os.urandom(3).hex()
     results: list[dict[str, Any]] = []
+    interrupted = False
     started = time.monotonic()
     with sigterm_as_interrupt():
         try:
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  FAILED {mode.title}: {exc}", flush=True)
                     results.append({"mode": mode.key, "title": mode.title, "skipped": f"failed: {exc}"})
         except KeyboardInterrupt:
+            interrupted = True
             print("interrupted: everything the bench started is removed", file=sys.stderr)
         finally:
             client.close()
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"header": header, "config": asdict(config), "modes": results},
                                         indent=2, default=str) + "\n")
+    if interrupted:
+        sys.exit(130)
     if any(r.get("lost") for r in results if not r.get("skipped")):
         sys.exit("tasks were lost: see the per-burst lines above")
 
