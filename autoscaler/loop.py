@@ -12,7 +12,7 @@ it, so it takes over within two intervals of the leader's death.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,13 +20,15 @@ from typing import Any, Protocol
 from loguru import logger
 
 from autoscaler.actions import Actuator
-from autoscaler.backends.base import Backend, BackendError, LeaseLostError
+from autoscaler.backends.base import Backend, BackendError
+from autoscaler.inflight import ActionsInFlight
 from autoscaler.leader import Fence, Lease
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.reconcile import PoolReconcile, PoolReport
 from autoscaler.schedule import MAX_WAIT, run_forever
 from autoscaler.sources.base import MetricSource, SourceError
+from autoscaler.sources.queue_watch import WatchPlan, WatchTarget
 from autoscaler.state_store import StateFencedError, StateStoreError
 from autoscaler.types import PoolState, QueueStats
 
@@ -35,6 +37,8 @@ __all__ = ["MAX_WAIT", "STARTUP_GRACE", "Controller", "PoolReport", "StateStore"
 # For this long after its first tick, a controller reports a pool whose target does not exist yet as a
 # warning: started beside the stack (`compose up`, `stack deploy`), it may tick before the workers exist.
 STARTUP_GRACE = 60.0
+# How long a stopping controller waits for the scaling actions under way to end and write their state.
+STOP_WAIT = 10.0
 
 
 class StateStore(Protocol):
@@ -59,6 +63,7 @@ class TickReport:
     metric_error: str | None = None
     policy_event: str | None = None
     seconds: float = 0.0
+    trigger: str = "interval"  # or "push": an early evaluation of the pools the queue watcher woke
 
 
 @dataclass
@@ -87,6 +92,11 @@ class Controller(PoolReconcile):
     # The stored drain marks of pools whose drains are not followed yet (the backend failed): kept, and retried.
     _unresumed: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
     _pools: tuple[PoolPolicy, ...] = ()  # the last tick's, for the state written once more at stop()
+    # Set: each pool's action runs on its own thread and the tick does not wait for it (wiring sets it; None
+    # acts within the tick, as the simulator and most tests want).
+    actions: ActionsInFlight | None = None
+    _policy: Policy | None = None  # the last tick's: early evaluations and the queue watch use it
+    _watch: dict[str, WatchTarget] = field(default_factory=dict)
 
     def tick(self, *, force_reload: bool = False) -> TickReport:
         started = self.clock()
@@ -118,21 +128,11 @@ class Controller(PoolReconcile):
         actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
 
         self._pools = tuple(policy.pools)
+        self._policy = policy
         reports = tuple(
             self._reconcile_isolated(pool, queues, metric_error, actuator, started) for pool in policy.pools
         )
-        if self._still_leading("write the pool state"):
-            try:
-                self.store.save({r.decision.pool: r.decision.state for r in reports})
-            except StateFencedError as exc:
-                logger.warning("{}; another replica leads now", exc)
-                self.states = None
-            except StateStoreError as exc:
-                # Kept in memory; the next successful write catches up. Only a restart in between loses it.
-                logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)
-        if self.fence is not None and self.fence.lost is not None:
-            # Another replica may have acted since: what this one holds in memory is stale.
-            self.states = None
+        self._save(reports)
         seconds = self.clock() - started
         self.metrics.tick_duration.observe(seconds)
         if metric_error is None:
@@ -141,6 +141,61 @@ class Controller(PoolReconcile):
         return TickReport(
             role="leader", at=started, pools=reports, metric_error=metric_error, policy_event=event, seconds=seconds
         )
+
+    def evaluate(self, names: Collection[str]) -> TickReport:
+        """An early pass over the pools the queue watcher woke: their full read and decision now, between ticks.
+
+        Only a leader that still holds its lease evaluates (the fence confirms it); the decision is the
+        ordinary one (sustain, cooldowns, step limits, the gate), except that a scale-down waits for the next
+        tick. A failed read decides nothing here: the tick counts failures, at its own rhythm.
+        """
+        started = self.clock()
+        policy = self._policy
+        if policy is None or self.role != "leader" or self.states is None:
+            return TickReport(role=self.role, at=started, trigger="push")
+        pools = [p for p in self._pools if p.name in names]
+        if not pools or not self._still_leading("evaluate early"):
+            return TickReport(role="leader", at=started, trigger="push")
+        queues, metric_error = self._observe(policy, [q for p in pools for q in p.queues])
+        if metric_error is not None:
+            return TickReport(role="leader", at=started, metric_error=metric_error, trigger="push")
+        dry_run = policy.dry_run if self.dry_run is None else self.dry_run
+        actuator = Actuator(self.backend, self.metrics, dry_run=dry_run)
+        reports = tuple(
+            self._reconcile_isolated(pool, queues, None, actuator, started, early=True) for pool in pools
+        )
+        self.metrics.early_evaluations.inc()
+        self._save(reports)
+        return TickReport(role="leader", at=started, pools=reports, seconds=self.clock() - started, trigger="push")
+
+    def watch_plan(self) -> WatchPlan:
+        """What the queue watcher should count, and from what count to wake each pool (none unless this replica
+        leads with `push` on); pools whose action is under way hold anyway and are left out."""
+        policy = self._policy
+        if policy is None or not policy.push or self.role != "leader" or self.states is None:
+            return WatchPlan()
+        busy = self.actions.pools() if self.actions is not None else set()
+        watch = dict(self._watch)
+        targets = {p.name: watch[p.name] for p in self._pools if p.name in watch and p.name not in busy}
+        return WatchPlan(broker=policy.broker, interval=policy.interval, pools=targets)
+
+    def _save(self, reports: tuple[PoolReport, ...]) -> None:
+        """Write the reported pools' states, fenced. Under the actions' lock, from memory: an action that ended
+        meanwhile has put its state there, which is newer than the one in its pool's report."""
+        with self.actions_lock():
+            if self._still_leading("write the pool state") and self.states is not None:
+                try:
+                    states = self.states
+                    self.store.save({r.decision.pool: states.get(r.decision.pool, r.decision.state) for r in reports})
+                except StateFencedError as exc:
+                    logger.warning("{}; another replica leads now", exc)
+                    self.states = None
+                except StateStoreError as exc:
+                    # Kept in memory; the next successful write catches up. Only a restart in between loses it.
+                    logger.bind(error=str(exc)).error("{}; keeping it in memory", exc)
+            if self.fence is not None and self.fence.lost is not None:
+                # Another replica may have acted since: what this one holds in memory is stale.
+                self.states = None
 
     def _lead(self, policy: Policy) -> bool:
         lock_answered = True
@@ -175,15 +230,6 @@ class Controller(PoolReconcile):
         self.metrics.leader.set(1 if leader else 0)
         return leader
 
-    def _still_leading(self, what: str) -> bool:
-        if self.fence is None:
-            return True
-        try:
-            self.fence.check(what)
-        except LeaseLostError:
-            return False
-        return True
-
     def _configure_source(self, policy: Policy) -> None:
         # The policy's `broker:` block (key prefix, priority steps...) may change with a reload.
         if policy.broker == self._broker_applied:
@@ -193,9 +239,9 @@ class Controller(PoolReconcile):
             reconfigure(policy.broker)
         self._broker_applied = policy.broker
 
-    def _observe(self, policy: Policy) -> tuple[dict[str, QueueStats], str | None]:
+    def _observe(self, policy: Policy, names: list[str] | None = None) -> tuple[dict[str, QueueStats], str | None]:
         try:
-            queues = self.source.observe(policy.queues)
+            queues = self.source.observe(policy.queues if names is None else list(dict.fromkeys(names)))
         except SourceError as exc:
             self.metrics.source_errors.inc()
             logger.bind(error=str(exc)).error("metric source failed: {}; every pool holds this tick", exc)
@@ -211,7 +257,10 @@ class Controller(PoolReconcile):
 
     def stop(self) -> None:
         """Step down: the stops under way go into the state once more (the next leader resumes them, so the
-        process need not wait for them), then the lock is released."""
+        process need not wait for them), then the lock is released. Scaling actions under way get a few seconds
+        to end and record themselves (a create or a start is seconds; a drain's stops go on in the background)."""
+        if self.actions is not None and not self.actions.wait(STOP_WAIT):
+            logger.warning("scaling actions still under way at stop: {}", ", ".join(sorted(self.actions.pools())))
         if self.role == "leader" and self.states is not None and self._still_leading("write the pool state"):
             states = {p.name: self._with_drain_marks(p, self.states.get(p.name, PoolState())) for p in self._pools}
             try:

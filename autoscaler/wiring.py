@@ -12,6 +12,7 @@ from loguru import logger
 
 from autoscaler.backends.base import Backend, BackendError, TargetStatus
 from autoscaler.gate import gate
+from autoscaler.inflight import ActionsInFlight
 from autoscaler.leader import Fence, LeaderLock
 from autoscaler.loop import Controller, run_forever
 from autoscaler.observability.http import HealthServer
@@ -64,6 +65,8 @@ class App:
             self.interval(),
             ", DRY-RUN" if dry_run else "",
         )
+        # The queue watcher's own connection to the broker: its probes run beside the loop's reads.
+        watch_client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
         try:
             run_forever(
                 self.controller,
@@ -73,8 +76,10 @@ class App:
                 wake=wake,
                 once=once,
                 on_tick=self.recorder.write if self.recorder else None,
+                watch_client=watch_client,
             )
         finally:
+            watch_client.close()
             if server is not None:
                 server.stop()
             if self.recorder is not None:
@@ -197,6 +202,7 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
         fence=fence,
         lease_ttl=lambda p: lease_ttl(settings, p),
         dry_run=settings.dry_run,
+        actions=ActionsInFlight(),
     )
     recorder = TraceRecorder(record) if record else None
     return App(controller=controller, settings=settings, watcher=watcher, recorder=recorder)
