@@ -17,8 +17,9 @@ __all__ = ["TraceRecorder", "tick_record"]
 
 
 def tick_record(report: TickReport) -> dict[str, Any] | None:
-    """The trace line for one leader tick, or None for a standby tick or one without metrics."""
-    if report.role != "leader" or report.metric_error is not None:
+    """The trace line for one leader tick, or None for a standby tick, one without metrics, or an early
+    evaluation (of some pools only: a replay steps every pool at the interval)."""
+    if report.role != "leader" or report.metric_error is not None or report.trigger != "interval":
         return None
     queues: dict[str, Any] = {}
     pools: dict[str, Any] = {}

@@ -158,6 +158,8 @@ class PoolState:
     target: int | None = None
     # New replicas that keep failing at start: scale-ups wait (set by the backend, which judges them).
     backoff: StartBackoffState = StartBackoffState()
+    # The count the last scale-up reached: within the up-cooldown only a higher one may follow at once.
+    last_scale_up_to: int | None = None
 
     def after_action(
         self, direction: Direction, now: float, desired: int | None = None, *, repair: bool = False
@@ -171,7 +173,7 @@ class PoolState:
         if repair:
             return replace(self, target=target)
         if direction is Direction.UP:
-            return replace(self, last_scale_up=now, target=target)
+            return replace(self, last_scale_up=now, last_scale_up_to=desired, target=target)
         if direction is Direction.DOWN:
             return replace(self, last_scale_down=now, target=target)
         return self
@@ -186,6 +188,7 @@ class PoolState:
                 "draining": [list(d) for d in self.draining],
                 "target": self.target,
                 "backoff": self.backoff.to_dict(),
+                "last_scale_up_to": self.last_scale_up_to,
             },
             separators=(",", ":"),
         )
@@ -230,6 +233,7 @@ class PoolState:
                 raise ValueError(f"a draining entry must be [container id, deadline], not {entry!r:.80}")
             drains.append((entry[0], _finite_time(entry[1], "a draining deadline")))
         up, down, target = raw.get("last_scale_up"), raw.get("last_scale_down"), raw.get("target")
+        up_to = raw.get("last_scale_up_to")
         return cls(
             last_scale_up=None if up is None else _finite_time(up, "last_scale_up"),
             last_scale_down=None if down is None else _finite_time(down, "last_scale_down"),
@@ -238,6 +242,7 @@ class PoolState:
             draining=tuple(drains),
             target=None if target is None else _count(target, MAX_STORED_REPLICAS),
             backoff=StartBackoffState.from_dict(raw.get("backoff")),
+            last_scale_up_to=None if up_to is None else _count_of(up_to, MAX_STORED_REPLICAS, "last_scale_up_to"),
         )
 
 
@@ -245,6 +250,13 @@ def _finite_time(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite, non-negative number, not {value!r:.80}")
     return float(value)
+
+
+def _count_of(value: Any, limit: int, what: str) -> int:
+    try:
+        return _count(value, limit)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _count(value: Any, limit: int) -> int:

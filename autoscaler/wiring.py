@@ -12,6 +12,7 @@ from loguru import logger
 
 from autoscaler.backends.base import Backend, BackendError, TargetStatus
 from autoscaler.gate import gate
+from autoscaler.inflight import ActionsInFlight
 from autoscaler.leader import Fence, LeaderLock
 from autoscaler.loop import Controller, run_forever
 from autoscaler.observability.http import HealthServer
@@ -65,6 +66,8 @@ class App:
             self.interval(),
             ", DRY-RUN" if dry_run else "",
         )
+        # The queue watcher's own connection to the broker: its probes run beside the loop's reads.
+        watch_client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
         try:
             run_forever(
                 self.controller,
@@ -74,8 +77,10 @@ class App:
                 wake=wake,
                 once=once,
                 on_tick=self.recorder.write if self.recorder else None,
+                watch_client=watch_client,
             )
         finally:
+            watch_client.close()
             if server is not None:
                 server.stop()
             if self.recorder is not None:
@@ -203,6 +208,7 @@ def build_controller(settings: Settings, *, record: Path | None = None) -> App:
         stats=RedisBrokerStats(CeleryRedisSource.connect(settings.redis_url, DEFAULT_TIMEOUT_S),
                                where=redact_url(settings.redis_url)),
         interval=lambda p: settings.interval or p.interval,
+        actions=ActionsInFlight(),
     )
     recorder = TraceRecorder(record) if record else None
     return App(controller=controller, settings=settings, watcher=watcher, recorder=recorder)

@@ -85,6 +85,38 @@ CASES = [
         "> 500",
         id="scale-up during a down-cooldown acts at once",
     ),
+    pytest.param(
+        {},
+        obs(1956, 5),
+        PoolState(last_scale_up=-10.0, last_scale_up_to=5),
+        10,
+        "> 500",
+        id="a higher reading within the up-cooldown acts at once (2 -> 5 at 269, then 1956 -> 10)",
+    ),
+    pytest.param(
+        {"max_step": {"up": 3}},
+        obs(1956, 5),
+        PoolState(last_scale_up=-10.0, last_scale_up_to=5),
+        8,
+        "step limit 3",
+        id="a higher reading within the up-cooldown is bounded by the step limit",
+    ),
+    pytest.param(
+        {},
+        obs(600, 5),
+        PoolState(last_scale_up=-10.0, last_scale_up_to=10),
+        5,
+        "the last scale-up reached 10",
+        id="within the up-cooldown no higher than the last scale-up: held",
+    ),
+    pytest.param(
+        {},
+        obs(600, 3),
+        PoolState(last_scale_up=-20.0, last_scale_down=-10.0, last_scale_up_to=5),
+        3,
+        "up-cooldown after a scale-down",
+        id="within the up-cooldown after a scale-down: held (no flapping)",
+    ),
     pytest.param({"max_step": {"up": 3}}, obs(600, 2), PoolState(), 5, "step limit 3", id="step limit up"),
     pytest.param(
         {"max_step": {"down": 1}},
@@ -311,13 +343,15 @@ target_policies = st.builds(
 )
 policies = tier_policies | target_policies
 states = st.builds(
-    lambda up, down, recs, fails: PoolState(
-        last_scale_up=up, last_scale_down=down, recommendations=tuple(sorted(recs)), consecutive_failures=fails
+    lambda up, down, recs, fails, up_to: PoolState(
+        last_scale_up=up, last_scale_down=down, recommendations=tuple(sorted(recs)), consecutive_failures=fails,
+        last_scale_up_to=up_to,
     ),
     st.none() | st.floats(-1000, 0),
     st.none() | st.floats(-1000, 0),
     st.lists(st.tuples(st.floats(-1000, 0), st.integers(0, 40)), max_size=20),
     st.integers(0, 5),
+    st.none() | st.integers(0, 40),
 )
 
 
@@ -337,8 +371,11 @@ def test_cooldowns_and_window_respected(p: PoolPolicy, state: PoolState, depth: 
     now = 0.0
     current = min(max(current, p.min), p.max)  # out-of-bounds counts are corrected at once by design
     d = decide(p, obs(depth, current), state, now)
-    if d.direction is Direction.UP and state.last_scale_up is not None:
-        assert now - state.last_scale_up >= p.cooldown.up
+    if d.direction is Direction.UP and state.last_scale_up is not None and now - state.last_scale_up < p.cooldown.up:
+        # Within the up-cooldown only a count above the last scale-up's, with no scale-down since, goes ahead.
+        assert state.last_scale_up_to is not None and d.desired is not None
+        assert d.desired > state.last_scale_up_to
+        assert state.last_scale_down is None or state.last_scale_down < state.last_scale_up
     if d.direction is Direction.DOWN:
         last = [t for t in (state.last_scale_up, state.last_scale_down) if t is not None]
         if last:

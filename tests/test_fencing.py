@@ -211,7 +211,7 @@ def test_the_lease_is_renewed_before_the_busy_worker_probe_waits(redis_url: str,
         "target": {backend_kind: {"service": "worker"}},
     })
 
-    def slow_probe(_pool: PoolPolicy) -> set[str]:
+    def slow_probe(_pool: PoolPolicy, *, hosts: object = None) -> set[str]:
         time.sleep(0.7)
         return set()
 
@@ -223,7 +223,7 @@ def test_the_lease_is_renewed_before_the_busy_worker_probe_waits(redis_url: str,
         backend.close()
     else:
         class SlowControl:
-            def workers(self, _pool: PoolPolicy) -> dict[str, bool]:
+            def workers(self, _pool: PoolPolicy, *, hosts: object = None) -> dict[str, bool]:
                 slow_probe(_pool)
                 return {}
 

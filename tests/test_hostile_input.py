@@ -215,7 +215,8 @@ def test_a_poisoned_state_record_is_refused_as_malformed(record: str) -> None:
 @given(st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["last_scale_up", "last_scale_down", "recommendations", "consecutive_failures", "x"]),
+        st.sampled_from(["last_scale_up", "last_scale_down", "recommendations", "consecutive_failures",
+                         "last_scale_up_to", "x"]),
         inner, max_size=4),
     max_leaves=12,
 ))
@@ -232,6 +233,19 @@ def test_any_json_as_a_state_record_parses_or_is_refused_with_value_error(value:
     # Accepted: usable by decide at any time.
     pool = parse_policy(POOL_TEXT % ("waiting", "tiers: [{above: 5, replicas: 10}]"), source=SOURCE).pools[0]
     decide(pool, Observation((QueueStats("fast", 7, 0, 0.0),), current=2), state, 1e6)
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "1e9", "2.5", '"5"', "[5]", "10000000"])
+def test_a_poisoned_last_scale_up_count_is_refused_naming_its_field(value: str) -> None:
+    """The count the last scale-up reached decides whether a higher reading may act within the up-cooldown: a
+    forged one is refused, naming the field (the store then starts that pool fresh, and says so)."""
+    with pytest.raises(ValueError, match="last_scale_up_to"):
+        PoolState.from_json('{"last_scale_up": 5, "last_scale_up_to": ' + value + '}')
+
+
+def test_the_last_scale_up_count_survives_the_round_trip() -> None:
+    state = PoolState(last_scale_up=5.0, last_scale_up_to=7)
+    assert PoolState.from_json(state.to_json()) == state
 
 
 def test_a_state_from_the_future_does_not_freeze_the_cooldowns() -> None:

@@ -167,22 +167,25 @@ def test_a_wrong_typed_queue_key_holds_only_its_pool(redis_url: str, policy_file
 
 
 def test_restart_keeps_cooldowns(redis_url: str, policy_file: Path) -> None:
-    """A controller restarted right after a scale-up reads the state from Redis and honours the cooldown."""
+    """A controller restarted right after a scale-up reads the state from Redis: the cooldown's start and the
+    count that scale-up reached. Within the up-cooldown a higher reading acts at once (issue 19: 2 -> 5 at a
+    half-published burst, then 650 waiting went to 10 only 30 s later); one asking no more holds."""
     clock = Clock()
     publish(redis_url, "fast", 150)
     backend = MemoryBackend({"worker-fast": 2, "worker-io": 2})
     first = make_controller(redis_url, policy_file, backend, clock=clock)
+    scaled_at = clock.now
     assert first.tick().pools[0].decision.desired == 5
     first.stop()  # releases the lock like a clean SIGTERM
 
     publish(redis_url, "fast", 500)  # now 650 waiting: the >500 tier
     clock.now += 10  # inside the 30 s up-cooldown
     second = make_controller(redis_url, policy_file, backend, clock=clock, instance="b")
+    stored = second.store.load(["fast"])["fast"]
+    assert (stored.last_scale_up, stored.last_scale_up_to) == (scaled_at, 5)
     decision = second.tick().pools[0].decision
-    assert (decision.current, decision.desired) == (5, 5)
-    assert "up-cooldown" in decision.reason
-    clock.now += 25
-    assert second.tick().pools[0].decision.desired == 10
+    assert (decision.current, decision.desired) == (5, 10), decision.reason
+    assert backend.replicas["worker-fast"] == 10
 
 
 def test_backend_failure_holds_only_that_pool(redis_url: str, policy_file: Path) -> None:

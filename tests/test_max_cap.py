@@ -218,7 +218,7 @@ class ScriptedSwarm:
         del self.running[self.spec:]  # Swarm chooses (never reached while the drain keeps victims counted)
 
     # Celery's remote control
-    def workers(self, _pool: PoolPolicy) -> dict[str, bool]:
+    def workers(self, _pool: PoolPolicy, *, hosts: object = None) -> dict[str, bool]:
         with self.lock:
             return {f"w@{t.ljust(12, '0')}": False for t in self.running}
 

@@ -53,6 +53,15 @@ def test_valid_policy_decisions_match_golden(fixture: Path) -> None:
                 rows.append(
                     {"pool": pool.name, "current": current, "depth": depth, "desired": d.desired, "reason": d.reason}
                 )
+        # Within the up-cooldown of a scale-up to the middle tier's count (5 at 269 waiting): a higher reading
+        # acts at once, one that asks no more waits.
+        up_to = min(pool.min + 3, pool.max)
+        just_scaled = PoolState(last_scale_up=-1.0, last_scale_up_to=up_to)
+        for depth in PROBE_DEPTHS:
+            queues = tuple(QueueStats(q, depth, depth // 10, float(depth) / 10) for q in pool.queues)
+            d = decide(pool, Observation(queues, up_to), just_scaled, now=0.0)
+            rows.append({"pool": pool.name, "current": up_to, "depth": depth, "state": "1s after a scale-up to it",
+                         "desired": d.desired, "reason": d.reason})
     actual = "\n".join(json.dumps(r) for r in rows) + "\n"
     assert actual == _golden(fixture.with_suffix(".decisions.jsonl"), actual)
 

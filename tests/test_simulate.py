@@ -71,13 +71,14 @@ def reasons(result: Replay, pool: str) -> dict[float, str]:
 
 
 def test_seed_tiers_on_burst_follow_cooldowns_and_stabilization() -> None:
-    """The seed's tiers on the burst trace go up at the first tick the up-cooldown allows and come back down
-    to 2 only after the 5m stabilization window and then the 5m down-cooldown."""
+    """The seed's tiers on the burst trace go up at the first tick above each tier (a higher reading within the
+    up-cooldown acts at once) and come back down to 2 only after the 5m stabilization window and then the 5m
+    down-cooldown."""
     result = replay(load_policy(DEFAULT_POLICY), read_trace(TRACES / "burst.csv"))
-    assert actions(result, "fast") == [(60.0, 2, 5), (90.0, 5, 10), (480.0, 10, 5), (780.0, 5, 2)]
+    assert actions(result, "fast") == [(60.0, 2, 5), (75.0, 5, 10), (480.0, 10, 5), (780.0, 5, 2)]
     why = reasons(result, "fast")
     assert all("hold band 10..100: hold" in why[t] for t in (0.0, 15.0, 30.0, 45.0))  # depth 50 at 2: hold
-    assert "up-cooldown, 15s left" in why[75.0]  # first tick above 500, 15s after the scale-up at 60
+    assert "up-cooldown" not in why[75.0]  # first tick above 500, 15s after the scale-up at 60: not held
     # Inside the band again (t=180..285) and then empty: held at 10 until no 10 is left in the 5m window.
     assert all("stabilization" in why[t] for t in range(180, 480, 15))
     assert all("down-cooldown" in why[t] for t in range(600, 780, 15))  # 5m after the step down at 480
@@ -304,11 +305,11 @@ def test_cli_text_prints_timeline_and_summary() -> None:
     """The text report lists each action with time, pool, counts and reason, then a summary row per pool."""
     code, out, _ = run_cli("--policy", str(DEFAULT_POLICY), "--trace", str(TRACES / "burst.csv"))
     assert code == 0
-    assert "0:01:30  fast  5 -> 10   800 > 500: tier of 10" in out
+    assert "0:01:15  fast  5 -> 10   800 > 500: tier of 10" in out
     assert "timeline (4 actions):" in out
     summary = out.split("summary:")[1]
-    # 4 ticks at 2, 2 at 5, 26 at 10, 20 at 5, 29 at 2: 436 replica-ticks of 15s = 1.82 replica-hours.
-    assert summary.splitlines()[2].split()[:4] == ["fast", "2", "2", "1.82"]
+    # 4 ticks at 2, 1 at 5, 27 at 10, 20 at 5, 29 at 2: 441 replica-ticks of 15s = 1.84 replica-hours.
+    assert summary.splitlines()[2].split()[:4] == ["fast", "2", "2", "1.84"]
 
 
 def test_cli_compare_prints_policies_side_by_side(tmp_path: Path) -> None:

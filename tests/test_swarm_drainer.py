@@ -47,7 +47,7 @@ class Engine:
     def set_replicas(self, _pool: PoolPolicy, count: int) -> None:
         self.spec = count
 
-    def workers(self, _pool: PoolPolicy) -> dict[str, bool]:
+    def workers(self, _pool: PoolPolicy, *, hosts: object = None) -> dict[str, bool]:
         return {f"w@{('h' + t).ljust(12, '0')}": False for t in self.running}
 
     def shutdown(self, nodenames: list[str]) -> None:
@@ -118,7 +118,7 @@ def test_stored_marks_are_trusted_only_within_stop_timeout() -> None:
 def test_a_host_claimed_by_two_node_names_is_never_a_victim() -> None:
     engine = Engine(2)
     spoofed = {**engine.workers(POOL), "fake@" + ("ht00").ljust(12, "0"): False}
-    engine.workers = lambda _pool: spoofed  # type: ignore[method-assign]
+    engine.workers = lambda _pool, **_kw: spoofed  # type: ignore[method-assign]
     d = drainer(engine)
     assert d.begin(POOL, SERVICE, engine.tasks(), desired=1)
     assert engine.shutdowns == ["w@" + "ht01".ljust(12, "0")]

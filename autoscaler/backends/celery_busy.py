@@ -1,9 +1,13 @@
 """Which Celery workers are running a task right now: the Compose backend's hint for choosing idle victims.
 
-Asks every worker over the broker (`inspect().active()`), in a background thread, and gives up after a
-short timeout so a scale-down is never delayed by more than about a second. Any failure or silence means
-"unknown" (None): the backend then picks victims by age alone, and the warm shutdown still lets a busy
-victim finish its task.
+Asks every worker over the broker (`inspect().active()`), in a background thread. Given the hosts of the
+pool's workers (their containers' hostnames, which Celery's default node name `celery@%h` and any `-n x@%h`
+carry after the `@`), it stops listening as soon as each of them has answered, typically within a few
+milliseconds; otherwise (or if one is silent) it gives up after a short timeout, so a scale-down is never
+delayed by more than about a second. The node names themselves are not known ahead (`-n` templates), so the
+question goes to every worker, as before, and only the wait is cut. Any failure or silence means "unknown"
+(None): the backend then picks victims by age alone, and the warm shutdown still lets a busy victim finish
+its task.
 """
 
 from __future__ import annotations
@@ -55,22 +59,22 @@ class CeleryBusyProbe:
         self._pending: Future[dict[str, Any] | None] | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, pool: PoolPolicy) -> set[str] | None:
-        return busy_hosts(self._replies(pool))
+    def __call__(self, pool: PoolPolicy, *, hosts: frozenset[str] | None = None) -> set[str] | None:
+        return busy_hosts(self._replies(pool, hosts))
 
-    def workers(self, pool: PoolPolicy) -> dict[str, bool] | None:
+    def workers(self, pool: PoolPolicy, *, hosts: frozenset[str] | None = None) -> dict[str, bool] | None:
         """Node name -> busy for every worker that answered (all pools: the caller matches its own)."""
-        return worker_nodes(self._replies(pool))
+        return worker_nodes(self._replies(pool, hosts))
 
     def shutdown(self, nodenames: list[str]) -> None:
         """Ask these workers for a warm shutdown: they stop consuming, finish what they run, and exit 0."""
         self._app.control.shutdown(destination=nodenames)
 
-    def _replies(self, pool: PoolPolicy) -> dict[str, Any] | None:
+    def _replies(self, pool: PoolPolicy, hosts: frozenset[str] | None) -> dict[str, Any] | None:
         with self._lock:
             if self._pending is not None and not self._pending.done():
                 return None  # the broker is slow: don't pile up probes
-            self._pending = self._executor.submit(self._ask)
+            self._pending = self._executor.submit(self._ask, hosts or None)
             pending = self._pending
         try:
             return pending.result(timeout=self._timeout + WAIT_MARGIN)
@@ -82,10 +86,27 @@ class CeleryBusyProbe:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._app.close()
 
-    def _ask(self) -> dict[str, Any] | None:
+    def _ask(self, hosts: frozenset[str] | None = None) -> dict[str, Any] | None:
+        collected: dict[str, Any] = {}
+
+        def on_reply(reply: Any) -> None:
+            if isinstance(reply, dict):
+                collected.update(reply)
+            if hosts and hosts <= {str(node).partition("@")[2] or str(node) for node in collected}:
+                # kombu collects until `timeout` passes without a reply; nothing else ends it early.
+                raise _AllAnswered
+
         try:
-            replies: dict[str, Any] | None = self._app.control.inspect(timeout=self._timeout).active()
+            replies: dict[str, Any] | None = self._app.control.inspect(
+                timeout=self._timeout, callback=on_reply
+            ).active()
+        except _AllAnswered:
+            return collected
         except Exception as exc:  # broker down, auth, anything: the answer is just "unknown"
             logger.debug("busy-worker probe failed: {}", exc)
             return None
         return replies if isinstance(replies, dict) else None
+
+
+class _AllAnswered(Exception):  # noqa: N818 - a signal to stop listening, not an error
+    """Every expected worker answered: stop listening."""

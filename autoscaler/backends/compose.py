@@ -22,7 +22,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import docker
 from loguru import logger
@@ -55,7 +55,11 @@ from autoscaler.types import StartBackoffState
 __all__ = ["BusyProbe", "ComposeBackend", "ReplicaFailureHook"]
 
 # Hostnames of Celery workers running a task (the part after `celery@`), or None when unknown.
-BusyProbe = Callable[[PoolPolicy], set[str] | None]
+class BusyProbe(Protocol):
+    """Hostnames of the pool's busy workers, or None if unknown; `hosts`: the hosts of the workers that should
+    answer (the probe stops waiting once they all have)."""
+
+    def __call__(self, pool: PoolPolicy, /, *, hosts: frozenset[str] | None = None) -> set[str] | None: ...
 
 
 class ComposeBackend:
@@ -357,7 +361,7 @@ class ComposeBackend:
     def _scale_down(
         self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], live: list[Replica], *, count: int
     ) -> None:
-        busy = self._busy(pool)
+        busy = self._busy(pool, frozenset(r.short_id for r in live))
         victims = choose_victims(live, count=count, busy=busy)
         grace = math.ceil(pool.stop_timeout)
         # To zero: the last container of the service is stopped but kept, as the template a later scale-up
@@ -371,14 +375,14 @@ class ComposeBackend:
             target, [v.name for v in victims], grace, "unknown" if busy is None else len(busy),
         )
 
-    def _busy(self, pool: PoolPolicy) -> set[str] | None:
+    def _busy(self, pool: PoolPolicy, hosts: frozenset[str] | None = None) -> set[str] | None:
         if self._busy_probe is None:
             return None
         # The probe waits out its whole timeout (about a second) between two lease checks: renew the lease
         # right before it, so that the stop that follows does not find it lapsed at a short interval.
         self._docker.check_fence(f"ask which workers of pool {pool.name} are busy")
         try:
-            return self._busy_probe(pool)
+            return self._busy_probe(pool, hosts=hosts)
         except Exception as exc:  # a probe failure must never stop a scale-down
             logger.warning("pool {}: busy-worker probe failed ({}); choosing victims by age", pool.name, exc)
             return None

@@ -48,7 +48,7 @@ DrainMarks = tuple[tuple[str, float], ...]
 
 
 class WorkerControl(Protocol):
-    def workers(self, pool: PoolPolicy) -> dict[str, bool] | None: ...
+    def workers(self, pool: PoolPolicy, *, hosts: frozenset[str] | None = None) -> dict[str, bool] | None: ...
     def shutdown(self, nodenames: list[str]) -> None: ...
 
 
@@ -180,7 +180,9 @@ class SwarmDrainer:
             return self.retarget(pool.name, desired)
         if self._fence is not None:  # renewed before the probe's wait, not only after it (compose.py: _busy)
             self._fence(f"ask which workers of pool {pool.name} are busy")
-        nodes = self._control.workers(pool)
+        # The hosts that should answer: the probe stops waiting once they all have.
+        hosts = frozenset(h for t in running if (h := task_hostname(t, spec_hostname)) is not None)
+        nodes = self._control.workers(pool, hosts=hosts or None)
         victims = None if nodes is None else choose_victims(running, nodes, count=count, spec_hostname=spec_hostname)
         if victims is None:
             why = "a templated hostname" if spec_hostname else "no Celery answer matching its tasks"

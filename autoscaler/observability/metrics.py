@@ -64,6 +64,9 @@ class Metrics:
         self.tick_duration = Histogram(
             "autoscaler_tick_duration_seconds", "Time one reconcile tick took", buckets=_TICK_BUCKETS, registry=r
         )
+        self.early_evaluations = Counter(
+            "autoscaler_early_evaluations", "Evaluations between ticks, woken by the queue watch", registry=r
+        )
         self.source_errors = Counter(
             "autoscaler_metric_source_errors", "Ticks whose metric read failed after retries", registry=r
         )

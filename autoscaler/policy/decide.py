@@ -17,9 +17,10 @@ One decision, in order::
     last, any scale-up: replicas still draining count toward max; past max (+ surge) ─> capped (hold, or less)
     a scale-up (a repair too) while new replicas keep failing at start? ── yes ─> hold, saying until when
 
-Cooldowns: a scale-up waits `cooldown.up` after the previous scale-up only, so a scale-up during a
-scale-down cooldown acts at once; a scale-down waits `cooldown.down` after any action, so a pool that
-just grew is not shrunk straight away.
+Cooldowns: within `cooldown.up` of the previous scale-up, a scale-up waits only when a scale-down came in
+between or when it would reach no higher than that scale-up did: a higher reading during the same burst acts
+at once (bounded by the step limit), and a scale-up during a scale-down cooldown acts at once. A scale-down
+waits `cooldown.down` after any action, so a pool that just grew is not shrunk straight away.
 """
 
 from __future__ import annotations
@@ -188,13 +189,32 @@ def _scale_up(pool: PoolPolicy, state: PoolState, *, now: float, current: int, e
     sustained = min(window_values(state.recommendations, now, pool.sustain, current))
     if sustained <= current:
         return current, f"{explanation}; not yet sustained for {format_duration(pool.sustain)}"
-    last = state.last_scale_up
-    if last is not None and now - last < pool.cooldown.up:
-        left = pool.cooldown.up - (now - last)
-        return current, f"{explanation}; up-cooldown, {format_duration(round(left, 1))} left"
     desired = sustained if pool.max_step.up is None else min(sustained, current + pool.max_step.up)
     step = f" (step limit {pool.max_step.up})" if desired < sustained else ""
+    held = _up_cooldown(pool, state, now=now, desired=desired)
+    if held is not None:
+        return current, f"{explanation}; {held}"
     return desired, f"{explanation}{step}"
+
+
+def _up_cooldown(pool: PoolPolicy, state: PoolState, *, now: float, desired: int) -> str | None:
+    """Why the up-cooldown holds a scale-up to `desired`, or None when it does not.
+
+    Within `cooldown.up` of the last scale-up it holds only a scale-up that would flap (a scale-down came in
+    between) or that reaches no further than that scale-up did (`last_scale_up_to`; unknown in a state
+    written before it was kept: held, as before). A higher reading during the same burst acts at once,
+    bounded by the step limit: a tick that caught the burst half-published must not hold the rest back.
+    """
+    last = state.last_scale_up
+    if last is None or now - last >= pool.cooldown.up:
+        return None
+    left = f"{format_duration(round(pool.cooldown.up - (now - last), 1))} left"
+    if state.last_scale_down is not None and state.last_scale_down >= last:
+        return f"up-cooldown after a scale-down, {left}"
+    if state.last_scale_up_to is None or desired <= state.last_scale_up_to:
+        reached = "" if state.last_scale_up_to is None else f" (the last scale-up reached {state.last_scale_up_to})"
+        return f"up-cooldown{reached}, {left}"
+    return None
 
 
 def _scale_down(

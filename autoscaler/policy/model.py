@@ -353,6 +353,11 @@ class Policy(_Strict):
         default=15.0, ge=MIN_INTERVAL, le=MAX_INTERVAL, description="time between ticks (250ms..1h)"
     )
     dry_run: bool = Field(default=False, description="decide and log, never act")
+    push: bool = Field(
+        default=True,
+        description="between ticks, watch the pools' queue lengths (every 250ms) and decide a pool's scale-up at "
+        "once when its queues reach a count that asks for more; false: decide only every `interval`",
+    )
     broker: BrokerOptions = BrokerOptions()
     pools: list[PoolPolicy] = Field(min_length=1)
 
