@@ -137,7 +137,11 @@ def status(policy_path: str | None, as_json: bool) -> None:
     for pool in report["pools"]:
         current = "?" if pool["current"] is None else pool["current"]
         desired = "?" if pool["desired"] is None else pool["desired"]
-        click.echo(f"{pool['name']}: current={current} desired={desired}  {pool['reason']}")
+        standby = ""
+        if pool.get("standby"):
+            mib = (pool.get("standby_memory_bytes") or 0) / 2**20
+            standby = f" standby={pool['standby']}" + (f" (memory limit {mib:.0f} MiB)" if mib else "")
+        click.echo(f"{pool['name']}: current={current}{standby} desired={desired}  {pool['reason']}")
         for q in pool["queues"]:
             latency = "unknown" if q["latency_s"] is None else f"{q['latency_s']:.1f}s"
             click.echo(f"  {q['name']}: waiting={q['waiting']} unacked={q['unacked']} latency={latency}")

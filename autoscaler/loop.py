@@ -29,7 +29,7 @@ from autoscaler.policy.decide import decide
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.sources.base import MetricSource, SourceError
 from autoscaler.state_store import StateFencedError, StateStoreError
-from autoscaler.types import MAX_DRAINING, Decision, Direction, Observation, PoolState, QueueStats
+from autoscaler.types import MAX_DRAINING, Decision, Observation, PoolState, QueueStats
 
 __all__ = ["STARTUP_GRACE", "Controller", "PoolReport", "StateStore", "TickReport", "run_forever"]
 
@@ -120,7 +120,9 @@ class Controller:
                                if p.name in self.states and self.states[p.name].draining}
             for pool in policy.pools:  # a failover must not reset a back-off: failing replicas would churn at once
                 with suppress(BackendError):  # no backend for the pool's kind: its status says so every tick
-                    self.backend.resume_start_backoff(pool, self.states.get(pool.name, PoolState()).backoff)
+                    saved = self.states.get(pool.name, PoolState())
+                    self.backend.resume_start_backoff(pool, saved.backoff)
+                    self.backend.resume_standbys(pool, saved.standbys)
         self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)
@@ -213,7 +215,7 @@ class Controller:
 
     def _with_start_backoff(self, pool: PoolPolicy, state: PoolState) -> PoolState:
         with suppress(BackendError):  # no backend for the pool's kind: keep what the state says
-            return replace(state, backoff=self.backend.start_backoff(pool))
+            return replace(state, backoff=self.backend.start_backoff(pool), standbys=self.backend.standby_marks(pool))
         return state
 
     def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
@@ -320,6 +322,7 @@ class Controller:
             metric_error=metric_error,
             backend_error=backend_error,
             draining=status.draining if status is not None else 0,
+            standby=status.standby if status is not None else 0,
         )
         # The status may have just judged a scale-up failed: this decision already waits for its back-off.
         state = self._with_start_backoff(pool, self.states.get(pool.name, PoolState()))
@@ -328,7 +331,7 @@ class Controller:
         if status is not None:
             self.metrics.pool_unplaceable.labels(pool.name).set(status.unplaceable)
         action = None
-        if decision.direction is not Direction.HOLD:
+        if decision.acts:
             action = actuator.scale(pool, decision)
             if action.ok:
                 repair = bool(decision.details.get("repair"))

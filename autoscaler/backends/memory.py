@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from autoscaler.backends.base import BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["MemoryBackend"]
 
@@ -28,7 +28,9 @@ class MemoryBackend:
         self.check(pool)
         return TargetStatus(running=self.replicas[pool.target.service])
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
+        if standby:
+            raise BackendError(f"pool {pool.name}: the simulator has no warm standbys")
         self.check(pool)
         self.replicas[pool.target.service] = desired
         self.actions.append((pool.name, current, desired))
@@ -37,6 +39,12 @@ class MemoryBackend:
         return ()
 
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
+        return None
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:  # noqa: ARG002 - protocol
+        return ()
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:  # noqa: ARG002
         return None
 
     def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:  # noqa: ARG002 - protocol
