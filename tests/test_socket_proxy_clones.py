@@ -91,9 +91,11 @@ def test_a_create_matching_an_older_source_of_the_service_passes() -> None:
 
 def test_clone_spec_agrees_with_the_backend_and_docker_py() -> None:
     assert (clone_spec.OWNER_LABEL, clone_spec.CLONE_LABEL, clone_spec.PROJECT_LABEL, clone_spec.SERVICE_LABEL,
-            clone_spec.CONTAINER_NUMBER_LABEL, clone_spec.ONEOFF_LABEL, clone_spec.VERSION_LABEL) == (
+            clone_spec.CONTAINER_NUMBER_LABEL, clone_spec.ONEOFF_LABEL, clone_spec.VERSION_LABEL,
+            clone_spec.ROLE_LABEL) == (
         base.OWNER_LABEL, compose_model.CLONE_LABEL, compose_model.PROJECT_LABEL, compose_model.SERVICE_LABEL,
-        compose_model.CONTAINER_NUMBER_LABEL, compose_model.ONEOFF_LABEL, compose_model.VERSION_LABEL)
+        compose_model.CONTAINER_NUMBER_LABEL, compose_model.ONEOFF_LABEL, compose_model.VERSION_LABEL,
+        compose_model.ROLE_LABEL)
     api = docker.APIClient(base_url="tcp://127.0.0.1:1", version="1.41")
     endpoint = clone_spec.Endpoint("stack_backend", ("a", "b"), (("db", "database"), ("x", "x")), {"o": "1"})
     assert clone_spec.endpoint_config(endpoint) == api.create_endpoint_config(

@@ -45,6 +45,7 @@ from autoscaler.backends.compose_model import (
     describe_replicas,
     normalize_project,
     nothing_to_clone,
+    room_to_create,
 )
 from autoscaler.backends.compose_standby import StandbyControl, Standbys, is_standby
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError
@@ -184,45 +185,20 @@ class ComposeBackend:
     def _room_to_create(
         self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], desired: int, *, standbys: int = 0
     ) -> tuple[int, int]:
-        """How many containers a scale-up to `desired` may create; BackendError when none.
-
-        Replicas that are restarting, paused or just created count as capacity on their way (a crash loop
-        with `restart: unless-stopped` is "restarting", never running), and every container that exists
-        and is not stopped counts against `max`, whatever its state, victims still draining included: the
-        autoscaler never has more than `max` of a pool (`max + surge` while victims drain). The decision caps
-        first; this is the backend refusing even if asked. A pool whose last scale-ups kept failing backs off
-        (StartBackoff).
-        """
+        """How many replicas and standbys a scale-up to `desired` may create (compose_model.room_to_create: within
+        max, and max + warm with the standbys); BackendError when none, or while the pool backs off (StartBackoff)."""
         blocked = self._backoff.blocked(pool.name, self._clock())
         if blocked:
             raise BackendError(f"{target}: {blocked}")
         draining, _ = self._in_flight(pool)
-        stopping = [r for r in replicas if r.id in draining and r.state in PRESENT_STATES]
-        everything = [r for r in replicas if r.id not in draining and r.state in PRESENT_STATES]
-        # Standbys (not active) are counted against max + warm, the other containers against max.
-        live, idle = self._standbys.split(pool, [r for r in everything if r.state == "running"])
-        spare = {r.id for r in idle} | {r.id for r in everything if r.state != "running" and is_standby(r)}
-        present = [r for r in everything if r.id not in spare]
-        # How many the other containers may number: victims still run, and only they make room for `surge`.
-        allowed = pool.max + min(pool.surge, len(stopping)) - len(stopping)
-        now = self._clock()
-        # An old `created` container that is not ours is the operator's: counted against max, not as coming.
-        coming = [
-            r for r in present
-            if r.state in ("restarting", "paused") or (r.state == "created" and now - r.created < self._created_grace)
-        ]
-        count = max(0, min(desired - len(live) - len(coming), allowed - len(present)))
-        boot = max(0, min(standbys, allowed + pool.warm - len(everything) - count))
-        if count + boot <= 0:
-            drains = f" ({len(stopping)} draining)" if stopping else ""
-            surge = f" + surge {pool.surge}" if pool.surge and stopping else ""
-            raise BackendError(
-                f"{target}: {len(coming)} replica(s) restarting or starting ({', '.join(r.name for r in coming[:3])}) "
-                f"already make up the {desired - len(live)} wanted; not creating more"
-                if coming and desired - len(live) - len(coming) <= 0
-                else f"{target}: {len(everything) + len(stopping)} containers exist{drains}, max is {pool.max}{surge}"
-                + (f" + warm {pool.warm}" if pool.warm else "") + "; not creating more"
-            )
+        running = [r for r in replicas if r.id not in draining and r.state == "running"]
+        live, _ = self._standbys.split(pool, running)
+        count, boot, refusal = room_to_create(
+            pool, replicas, draining=draining, live={r.id for r in live}, desired=desired, standbys=standbys,
+            now=self._clock(), created_grace=self._created_grace,
+        )
+        if refusal:
+            raise BackendError(f"{target}: {refusal}")
         return count, boot
 
     def close(self) -> None:
