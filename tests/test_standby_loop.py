@@ -14,13 +14,16 @@ import redis
 
 from autoscaler.backends.base import TargetStatus
 from autoscaler.backends.memory import MemoryBackend
+from autoscaler.cli import pool_line
 from autoscaler.loop import Controller
 from autoscaler.observability.metrics import Metrics
 from autoscaler.policy.model import BrokerOptions, PoolPolicy
 from autoscaler.policy.watch import PolicyWatcher
+from autoscaler.settings import Settings
 from autoscaler.sources.celery_redis import CeleryRedisSource
 from autoscaler.state_store import RedisStateStore
 from autoscaler.types import NO_STANDBY, StandbyPlan
+from autoscaler.wiring import preview
 from tests.test_loop import Clock, publish
 
 pytestmark = pytest.mark.redis
@@ -114,3 +117,15 @@ def test_dry_run_changes_no_standby(redis_url: str, policy_file: Path) -> None:
     assert report.pools[0].decision.standby == StandbyPlan(boot=2)
     assert backend.plans == [] and backend.standby == 0
     assert metrics.standby_actions.labels("fast", "boot", "dry_run")._value.get() == 2
+
+
+def test_status_shows_standbys_apart_from_capacity_with_their_memory(redis_url: str, policy_file: Path) -> None:
+    """`autoscaler status`: `current` is capacity, `standby` the warm standbys and the memory their limits hold;
+    which standbys are active is read from the state, as a new leader would."""
+    backend = StandbyBackend({"worker-fast": 2}, standby=2)
+    controller(redis_url, policy_file, backend).tick()
+    report = preview(Settings(redis_url=redis_url, policy=str(policy_file)), backend=backend)
+    (pool,) = report["pools"]
+    assert (pool["current"], pool["standby"], pool["standby_memory_bytes"]) == (2, 2, 512 << 20)
+    assert pool_line(pool).startswith("fast: current=2 standby=2 (memory limit 512 MiB) desired=2  ")
+    assert backend.resumed  # the stored marks, handed to the read-only backend before its status

@@ -379,8 +379,9 @@ class ComposeBackend:
         # To zero: the last container of the service is stopped but kept, as the template a later scale-up
         # clones (Docker stays the only source of a container's configuration).
         chosen = {v.id for v in victims}
-        plain = [v for v in victims if not is_standby(v)]  # a standby's config is no template
-        keep = plain[-1].id if plain and all(r.id in chosen for r in replicas) else None
+        # Standbys that stay are no template (their label, their private queue): the last plain one is kept.
+        plain = [v for v in victims if not is_standby(v)]
+        keep = plain[-1].id if plain and all(r.id in chosen for r in replicas if not is_standby(r)) else None
         self._backoff.spare(pool.name, chosen)  # their exits are ours, not failed starts
         self._drainer.start(pool.name, target, victims, grace=grace, keep=keep)
         logger.debug(

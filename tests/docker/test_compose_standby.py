@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from dockertest import COMPOSE_DIR, ComposeProject, unique_name, wait_until
 
+from autoscaler.backends.base import BackendError
 from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.compose_standby import CeleryStandbyControl, private_queue
 from autoscaler.backends.docker_client import DockerConnection
@@ -100,8 +101,13 @@ def test_a_standby_takes_no_task_until_activated_then_serves_the_next(stack: tup
         assert control.active_queues([node]).get(node) == {private_queue(standby.name)}
         status = leader.status(pool)
         assert (status.running, status.standby) == (1, 1)
+
+        # Asked for more standbys than max + warm leaves room for, the backend makes only what fits, then none.
+        leader.scale(pool, current=1, desired=1, standby=StandbyPlan(boot=5))
+        with pytest.raises(BackendError, match="max is 2 \\+ warm 1; not creating more"):
+            leader.scale(pool, current=1, desired=1, standby=StandbyPlan(boot=1))
         present = [c for c in project.containers("worker") if c.status in ("running", "created", "restarting")]
-        assert len(present) <= pool.max + pool.warm
+        assert len(present) == pool.max + pool.warm
     finally:
         backend.close()  # closes the remote-control client the successor shares
         app.close()
