@@ -18,6 +18,8 @@ class MemoryBackend:
     replicas: dict[str, int] = field(default_factory=dict)
     actions: list[tuple[str, int, int]] = field(default_factory=list)
     fail_with: str | None = None
+    # Warm standbys per target service, as counts: booted at once, activated at once (the simulator's model).
+    standbys: dict[str, int] = field(default_factory=dict)
 
     def check(self, pool: PoolPolicy) -> None:
         self._maybe_fail()
@@ -26,13 +28,18 @@ class MemoryBackend:
 
     def status(self, pool: PoolPolicy) -> TargetStatus:
         self.check(pool)
-        return TargetStatus(running=self.replicas[pool.target.service])
+        return TargetStatus(running=self.replicas[pool.target.service],
+                            standby=self.standbys.get(pool.target.service, 0))
 
     def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
-        if standby:
-            raise BackendError(f"pool {pool.name}: the simulator has no warm standbys")
         self.check(pool)
-        self.replicas[pool.target.service] = desired
+        service = pool.target.service
+        if standby:
+            self.standbys[service] = max(0, self.standbys.get(service, 0) + standby.boot + standby.to_standby
+                                         - standby.activate - standby.retire)
+        if standby and desired == current:
+            return  # standbys only: the count holds
+        self.replicas[service] = desired
         self.actions.append((pool.name, current, desired))
 
     def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:  # noqa: ARG002 - protocol
