@@ -111,7 +111,9 @@ class CeleryStandbyControl:
 
     def active_queues(self, nodes: list[str]) -> dict[str, set[str]]:
         with self._lock:
-            replies = self._app.control.inspect(destination=nodes, timeout=self._timeout).active_queues()
+            # `limit`: done as soon as every addressed worker has answered, not at the timeout.
+            replies = self._app.control.inspect(destination=nodes, timeout=self._timeout,
+                                                limit=len(nodes)).active_queues()
         found: dict[str, set[str]] = {}
         for node, queues in (replies or {}).items():
             if node in nodes and isinstance(queues, list):
@@ -120,7 +122,7 @@ class CeleryStandbyControl:
 
     def busy(self, nodes: list[str]) -> set[str] | None:
         with self._lock:
-            replies = self._app.control.inspect(destination=nodes, timeout=self._timeout).active()
+            replies = self._app.control.inspect(destination=nodes, timeout=self._timeout, limit=len(nodes)).active()
         if not isinstance(replies, dict):
             return None
         return {str(node) for node, tasks in replies.items() if tasks}
