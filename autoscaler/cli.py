@@ -135,12 +135,21 @@ def status(policy_path: str | None, as_json: bool) -> None:
     if report.get("metric_error"):
         click.echo(f"metric source: {report['metric_error']}")
     for pool in report["pools"]:
-        current = "?" if pool["current"] is None else pool["current"]
-        desired = "?" if pool["desired"] is None else pool["desired"]
-        click.echo(f"{pool['name']}: current={current} desired={desired}  {pool['reason']}")
+        click.echo(pool_line(pool))
         for q in pool["queues"]:
             latency = "unknown" if q["latency_s"] is None else f"{q['latency_s']:.1f}s"
             click.echo(f"  {q['name']}: waiting={q['waiting']} unacked={q['unacked']} latency={latency}")
+
+
+def pool_line(pool: dict[str, Any]) -> str:
+    """`fast: current=2 standby=2 (memory limit 512 MiB) desired=2  reason`: standbys apart from capacity."""
+    current = "?" if pool["current"] is None else pool["current"]
+    desired = "?" if pool["desired"] is None else pool["desired"]
+    standby = ""
+    if pool.get("standby"):
+        mib = (pool.get("standby_memory_bytes") or 0) / 2**20
+        standby = f" standby={pool['standby']}" + (f" (memory limit {mib:.0f} MiB)" if mib else "")
+    return f"{pool['name']}: current={current}{standby} desired={desired}  {pool['reason']}"
 
 
 from autoscaler.simulate.cli import simulate  # noqa: E402 - registered last, beside the other commands

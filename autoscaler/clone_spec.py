@@ -19,15 +19,21 @@ __all__ = [
     "ONEOFF_LABEL",
     "OWNER_LABEL",
     "PROJECT_LABEL",
+    "ROLE_LABEL",
     "SERVICE_LABEL",
+    "STANDBY_QUEUE_PREFIX",
+    "STANDBY_ROLE",
     "VERSION_LABEL",
     "Endpoint",
+    "StandbyRefusedError",
     "clone_config",
     "connect_body",
     "create_body",
     "endpoint_config",
     "endpoints",
     "name_separator",
+    "standby_command",
+    "standby_config",
 ]
 
 # The same values as autoscaler.backends.base / compose_model (tests/test_clone_spec.py checks they agree):
@@ -39,6 +45,12 @@ SERVICE_LABEL = "com.docker.compose.service"
 CONTAINER_NUMBER_LABEL = "com.docker.compose.container-number"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
 VERSION_LABEL = "com.docker.compose.version"
+# A warm standby (written at create: labels cannot change later) and the private queue its command consumes
+# instead of the pool's, named after the container, until the controller activates it (compose_standby.py).
+ROLE_LABEL = "autoscaler.role"
+STANDBY_ROLE = "standby"
+STANDBY_QUEUE_PREFIX = "autoscaler.standby."
+_QUEUE_OPTIONS = ("-Q", "--queues")
 
 # Container fields that belong to one container only and must not be cloned.
 _PER_CONTAINER_CONFIG = ("Hostname", "MacAddress")
@@ -141,3 +153,62 @@ def create_body(config: dict[str, Any], primary: Endpoint | None) -> dict[str, A
 def connect_body(container: str, endpoint: Endpoint) -> dict[str, Any]:
     """The JSON body of `POST /networks/{network}/connect` that joins a clone to one more network."""
     return {"Container": container, "EndpointConfig": endpoint_config(endpoint)}
+
+
+class StandbyRefusedError(ValueError):
+    """The service's command cannot be made a standby's; the message says where (Config.Cmd[i]) and why."""
+
+
+def _queue_option(arg: str) -> tuple[str, str | None] | None:
+    """(option, value in the same argument or None) if `arg` is Celery's queue option, else None."""
+    if arg in _QUEUE_OPTIONS:
+        return arg, None
+    if arg.startswith("--queues="):
+        return "--queues", arg.removeprefix("--queues=")
+    if arg.startswith("-Q") and not arg.startswith("--"):
+        return "-Q", arg[2:]
+    return None
+
+
+def standby_command(command: Any, entrypoint: Any, *, name: str) -> list[str]:
+    """The template's `Config.Cmd` with its one Celery queue argument (`-Q q`, `-Qq`, `--queues q`,
+    `--queues=q`) replaced by the private queue `autoscaler.standby.<name>`: the standby boots consuming none
+    of the pool's queues. Anything else (no `worker` sub-command, no queue argument or more than one, the
+    queues set inside a shell string or by the entrypoint) is refused, saying where: a command the
+    controller does not understand is never guessed at."""
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        raise StandbyRefusedError(f"Config.Cmd is {str(command)[:60]!r}, not a list of arguments")
+    for i, arg in enumerate(entrypoint if isinstance(entrypoint, list) else []):
+        if isinstance(arg, str) and (_queue_option(arg) or "-Q" in arg or "--queues" in arg):
+            raise StandbyRefusedError(f"Config.Entrypoint[{i}] sets the queues: only Config.Cmd is rewritten")
+    if "worker" not in command:
+        raise StandbyRefusedError("Config.Cmd has no `worker` argument: not a `celery ... worker` command")
+    found = [i for i, arg in enumerate(command) if _queue_option(arg)]
+    if not found:
+        for i, arg in enumerate(command):
+            if " -Q" in arg or "--queues" in arg:
+                raise StandbyRefusedError(f"Config.Cmd[{i}] sets the queues inside a shell string")
+        raise StandbyRefusedError("Config.Cmd has no -Q/--queues argument (the worker would consume every queue)")
+    if len(found) > 1:
+        raise StandbyRefusedError(f"Config.Cmd[{found[1]}] is a second -Q/--queues argument")
+    at = found[0]
+    if at < command.index("worker"):
+        raise StandbyRefusedError(f"Config.Cmd[{at}] sets the queues before the `worker` argument")
+    option, value = _queue_option(command[at]) or ("", None)
+    private = STANDBY_QUEUE_PREFIX + name
+    if value is not None:
+        if not value:
+            raise StandbyRefusedError(f"Config.Cmd[{at}] names no queue")
+        return [*command[:at], f"{option}={private}" if option == "--queues" else f"-Q{private}", *command[at + 1:]]
+    if at + 1 >= len(command) or not command[at + 1] or command[at + 1].startswith("-"):
+        raise StandbyRefusedError(f"Config.Cmd[{at}] ({option}) is not followed by a queue name")
+    return [*command[:at + 1], private, *command[at + 2:]]
+
+
+def standby_config(template: dict[str, Any], *, pool: str, number: int, image: str, name: str) -> dict[str, Any]:
+    """A clone of `template` made a warm standby: the role label, and the command consuming a private queue
+    (StandbyRefusedError when it cannot be rewritten). Nothing else differs from `clone_config`."""
+    config = clone_config(template, pool=pool, number=number, image=image)
+    config["Cmd"] = standby_command(template["Config"].get("Cmd"), template["Config"].get("Entrypoint"), name=name)
+    config["Labels"] = {**config["Labels"], ROLE_LABEL: STANDBY_ROLE}
+    return config

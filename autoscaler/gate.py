@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from autoscaler.backends.base import TargetStatus
-from autoscaler.types import Decision, Direction
+from autoscaler.types import Decision, Direction, StandbyPlan
 
 __all__ = ["gate"]
 
@@ -24,10 +24,13 @@ def gate(decision: Decision, status: TargetStatus | None) -> Decision:
         decision = replace(decision, reason=f"{decision.reason}; {status.detail}")
     direction = decision.direction
     if direction is Direction.HOLD:
+        if decision.standby and not status.ready:
+            # Creates in flight (standbys among them): booting more now would count them twice.
+            return replace(decision, standby=StandbyPlan(), reason=f"{decision.reason}; waiting: {status.detail}")
         return decision
     if status.wanted is not None and decision.desired == status.wanted:
         return replace(
-            decision, desired=decision.current,
+            decision, desired=decision.current, standby=StandbyPlan(),
             reason=f"{decision.reason}; {status.wanted} already asked for, holding" + (
                 "" if status.unplaceable else f" ({status.detail})"
             ),
@@ -40,6 +43,7 @@ def gate(decision: Decision, status: TargetStatus | None) -> Decision:
         return decision
     # Holding: a repair (or any action) that did not happen must not be remembered as one.
     return replace(
-        decision, desired=decision.current, details={k: v for k, v in decision.details.items() if k != "repair"},
+        decision, desired=decision.current, standby=StandbyPlan(),
+        details={k: v for k, v in decision.details.items() if k != "repair"},
         reason=f"{decision.reason}; waiting: {status.detail or 'busy'}",
     )

@@ -122,7 +122,9 @@ class Controller(PoolReconcile):
                                if p.name in self.states and self.states[p.name].draining}
             for pool in policy.pools:  # a failover must not reset a back-off: failing replicas would churn at once
                 with suppress(BackendError):  # no backend for the pool's kind: its status says so every tick
-                    self.backend.resume_start_backoff(pool, self.states.get(pool.name, PoolState()).backoff)
+                    saved = self.states.get(pool.name, PoolState())
+                    self.backend.resume_start_backoff(pool, saved.backoff)
+                    self.backend.resume_standbys(pool, saved.standbys)
         self._resume_drains(policy)
         self._configure_source(policy)
         queues, metric_error = self._observe(policy)

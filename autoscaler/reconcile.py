@@ -26,7 +26,7 @@ from autoscaler.policy.model import Policy, PoolPolicy
 from autoscaler.policy.trigger import wake_threshold
 from autoscaler.sources.queue_watch import WatchTarget
 from autoscaler.state_store import StateStoreError
-from autoscaler.types import MAX_DRAINING, Decision, Direction, Observation, PoolState, QueueStats
+from autoscaler.types import MAX_DRAINING, Decision, Direction, Observation, PoolState, QueueStats, StandbyPlan
 
 if TYPE_CHECKING:
     from autoscaler.loop import StateStore
@@ -76,7 +76,7 @@ class PoolReconcile:
 
     def _with_start_backoff(self, pool: PoolPolicy, state: PoolState) -> PoolState:
         with suppress(BackendError):  # no backend for the pool's kind: keep what the state says
-            return replace(state, backoff=self.backend.start_backoff(pool))
+            return replace(state, backoff=self.backend.start_backoff(pool), standbys=self.backend.standby_marks(pool))
         return state
 
     def _with_drain_marks(self, pool: PoolPolicy, state: PoolState) -> PoolState:
@@ -174,6 +174,7 @@ class PoolReconcile:
             metric_error=metric_error,
             backend_error=backend_error,
             draining=status.draining if status is not None else 0,
+            standby=status.standby if status is not None else 0,
         )
         # The status may have just judged a scale-up failed: this decision already waits for its back-off.
         state = self._with_start_backoff(pool, self.states.get(pool.name, PoolState()))
@@ -181,14 +182,14 @@ class PoolReconcile:
         decision = gate(decision, status)
         if early and decision.direction is Direction.DOWN:
             # Woken by the queue watcher: only a scale-up is urgent; a scale-down keeps the interval's rhythm.
-            decision = replace(decision, desired=decision.current,
+            decision = replace(decision, desired=decision.current, standby=StandbyPlan(),
                                reason=f"{decision.reason}; a scale-down waits for the next tick")
         if status is not None:
             self.metrics.pool_unplaceable.labels(pool.name).set(status.unplaceable)
         action = None
-        if decision.direction is not Direction.HOLD and self.actions is not None and not actuator.dry_run:
+        if decision.acts and self.actions is not None and not actuator.dry_run:
             return self._act_in_background(pool, decision, pool_queues, actuator, now)
-        if decision.direction is not Direction.HOLD:
+        if decision.acts:
             action = actuator.scale(pool, decision)
         decision = self._settle(pool, decision, action, now)
         self.states[pool.name] = decision.state

@@ -17,11 +17,14 @@ from typing import Any
 __all__ = [
     "MAX_BACKOFF",
     "MAX_STORED_REPLICAS",
+    "NO_STANDBY",
+    "STANDBY_PHASES",
     "Decision",
     "Direction",
     "Observation",
     "PoolState",
     "QueueStats",
+    "StandbyPlan",
     "StartBackoffState",
 ]
 
@@ -32,6 +35,9 @@ MAX_DRAINING = 10_000
 MAX_BACKOFF = 600.0
 MAX_FAILED_ROUNDS = 10_000
 MAX_BACKOFF_WHY = 300
+# A warm standby's phase in the pool's state (absent: a standby, not capacity): "active" is capacity; the two
+# others mean a remote-control reply never arrived, and the backend asks that one worker what it consumes.
+STANDBY_PHASES = frozenset({"active", "activating", "returning"})
 _CONTAINER_ID = re.compile(r"^([0-9a-f]{12,64}|[0-9a-z]{25})$")  # a container id, or a Swarm task id
 
 
@@ -74,6 +80,36 @@ class Observation:
     metric_error: str | None = None
     backend_error: str | None = None
     draining: int = 0
+    # Warm standbys: booted, consuming none of the pool's queues, not capacity; they count toward max + warm.
+    standby: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StandbyPlan:
+    """What a decision asks of a pool's warm standbys, as counts (policy/standby.py makes it).
+
+    `activate`: standbys made capacity, part of the scale-up (the rest of it is new replicas); `to_standby`:
+    idle replicas returned to standby, part of the scale-down (the rest drain); `boot`: new standbys created to
+    keep `warm` of them; `retire`: standbys above `warm` (the policy lowered it) removed.
+    """
+
+    activate: int = 0
+    to_standby: int = 0
+    boot: int = 0
+    retire: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.activate or self.to_standby or self.boot or self.retire)
+
+    def describe(self) -> str:
+        parts = [f"{n} {what}" for n, what in (
+            (self.activate, "activated"), (self.to_standby, "returned to standby"),
+            (self.boot, "standby booted"), (self.retire, "standby retired"),
+        ) if n]
+        return ", ".join(parts)
+
+
+NO_STANDBY = StandbyPlan()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +196,9 @@ class PoolState:
     backoff: StartBackoffState = StartBackoffState()
     # The count the last scale-up reached: within the up-cooldown only a higher one may follow at once.
     last_scale_up_to: int | None = None
+    # Warm standbys that are not standbys any more, or whose change is unconfirmed: (container id, phase in
+    # STANDBY_PHASES). Written by this controller only: the broker never says whether a standby was activated.
+    standbys: tuple[tuple[str, str], ...] = ()
 
     def after_action(
         self, direction: Direction, now: float, desired: int | None = None, *, repair: bool = False
@@ -189,6 +228,7 @@ class PoolState:
                 "target": self.target,
                 "backoff": self.backoff.to_dict(),
                 "last_scale_up_to": self.last_scale_up_to,
+                **({"standbys": [list(e) for e in self.standbys]} if self.standbys else {}),
             },
             separators=(",", ":"),
         )
@@ -232,6 +272,14 @@ class PoolState:
                     or not _CONTAINER_ID.match(entry[0]):
                 raise ValueError(f"a draining entry must be [container id, deadline], not {entry!r:.80}")
             drains.append((entry[0], _finite_time(entry[1], "a draining deadline")))
+        standbys = raw.get("standbys", [])
+        if not isinstance(standbys, list) or len(standbys) > MAX_DRAINING:
+            raise ValueError(f"standbys must be a list of at most {MAX_DRAINING} [container id, phase] pairs")
+        for entry in standbys:
+            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) \
+                    or not _CONTAINER_ID.match(entry[0]) or entry[1] not in STANDBY_PHASES:
+                raise ValueError(f"a standbys entry must be [container id, one of {sorted(STANDBY_PHASES)}], "
+                                 f"not {entry!r:.80}")
         up, down, target = raw.get("last_scale_up"), raw.get("last_scale_down"), raw.get("target")
         up_to = raw.get("last_scale_up_to")
         return cls(
@@ -243,6 +291,7 @@ class PoolState:
             target=None if target is None else _count(target, MAX_STORED_REPLICAS),
             backoff=StartBackoffState.from_dict(raw.get("backoff")),
             last_scale_up_to=None if up_to is None else _count_of(up_to, MAX_STORED_REPLICAS, "last_scale_up_to"),
+            standbys=tuple((str(i), str(p)) for i, p in standbys),
         )
 
 
@@ -281,9 +330,15 @@ class Decision:
     metric: float | None = None
     recommendation: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    standby: StandbyPlan = StandbyPlan()
 
     @property
     def direction(self) -> Direction:
         if self.current is None or self.desired is None or self.desired == self.current:
             return Direction.HOLD
         return Direction.UP if self.desired > self.current else Direction.DOWN
+
+    @property
+    def acts(self) -> bool:
+        """A change of the count, or work on the warm standbys (booting them changes no count)."""
+        return self.direction is not Direction.HOLD or bool(self.standby)

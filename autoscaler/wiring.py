@@ -107,6 +107,7 @@ def build_backend(
     # docker-py and Celery's control client are only needed here, not by validate/schema/simulate.
     from autoscaler.backends.celery_busy import CeleryBusyProbe  # noqa: PLC0415
     from autoscaler.backends.compose import ComposeBackend  # noqa: PLC0415
+    from autoscaler.backends.compose_standby import CeleryStandbyControl  # noqa: PLC0415
     from autoscaler.backends.docker_client import DockerConnection  # noqa: PLC0415
     from autoscaler.backends.router import BackendRouter  # noqa: PLC0415
     from autoscaler.backends.swarm import SwarmBackend  # noqa: PLC0415
@@ -130,6 +131,9 @@ def build_backend(
         busy_probe=celery_control,
         on_replica_failure=on_replica_failure,
         read_only=read_only,
+        # Warm standbys: activated and returned by remote control addressed to one worker, replies awaited.
+        standby_control=CeleryStandbyControl(broker_url=settings.redis_url),
+        on_standby=metrics.observe_standbys if metrics is not None else None,
     )
     swarm = SwarmBackend(docker_connection=connection, control=None if read_only else celery_control,
                          lease_term=fence.term if fence is not None else None)
@@ -243,8 +247,10 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
     for pool in policy.pools:
         status: TargetStatus | None = None
         backend_error: str | None = None
+        state = states.get(pool.name, PoolState())
         if backend is not None:
             try:
+                backend.resume_standbys(pool, state.standbys)  # which standbys are active: the state says
                 status = backend.status(pool)
             except BackendError as exc:
                 backend_error = str(exc)
@@ -253,13 +259,16 @@ def preview(settings: Settings, *, backend: Backend | None = None) -> dict[str, 
         current = None if status is None else status.running
         stats = tuple(queues[q] for q in pool.queues if q in queues)
         observation = Observation(stats, current, metric_error=metric_error, backend_error=backend_error,
-                                  draining=0 if status is None else status.draining)
+                                  draining=0 if status is None else status.draining,
+                                  standby=0 if status is None else status.standby)
         # Gated as a tick is: what `status` says a pool would do is what the controller does.
-        decision = gate(decide(pool, observation, states.get(pool.name, PoolState()), now), status)
+        decision = gate(decide(pool, observation, state, now), status)
         pools.append(
             {
                 "name": pool.name,
                 "current": current,
+                "standby": None if status is None else status.standby,
+                "standby_memory_bytes": None if status is None else status.standby_memory,
                 "desired": decision.desired,
                 "reason": decision.reason,
                 "queues": [_queue_json(q) for q in stats],

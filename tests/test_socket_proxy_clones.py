@@ -91,9 +91,11 @@ def test_a_create_matching_an_older_source_of_the_service_passes() -> None:
 
 def test_clone_spec_agrees_with_the_backend_and_docker_py() -> None:
     assert (clone_spec.OWNER_LABEL, clone_spec.CLONE_LABEL, clone_spec.PROJECT_LABEL, clone_spec.SERVICE_LABEL,
-            clone_spec.CONTAINER_NUMBER_LABEL, clone_spec.ONEOFF_LABEL, clone_spec.VERSION_LABEL) == (
+            clone_spec.CONTAINER_NUMBER_LABEL, clone_spec.ONEOFF_LABEL, clone_spec.VERSION_LABEL,
+            clone_spec.ROLE_LABEL) == (
         base.OWNER_LABEL, compose_model.CLONE_LABEL, compose_model.PROJECT_LABEL, compose_model.SERVICE_LABEL,
-        compose_model.CONTAINER_NUMBER_LABEL, compose_model.ONEOFF_LABEL, compose_model.VERSION_LABEL)
+        compose_model.CONTAINER_NUMBER_LABEL, compose_model.ONEOFF_LABEL, compose_model.VERSION_LABEL,
+        compose_model.ROLE_LABEL)
     api = docker.APIClient(base_url="tcp://127.0.0.1:1", version="1.41")
     endpoint = clone_spec.Endpoint("stack_backend", ("a", "b"), (("db", "database"), ("x", "x")), {"o": "1"})
     assert clone_spec.endpoint_config(endpoint) == api.create_endpoint_config(
@@ -245,3 +247,88 @@ def test_any_change_is_refused_with_its_place_or_is_no_change(data: st.DataObjec
         assert refusal
         return
     assert same(result, body) and same(changed, body), (path, action)
+
+
+# -- warm standbys: the one other create accepted is the clone's standby variant, and nothing else -------------
+
+STANDBY_SOURCE: dict[str, Any] = copy.deepcopy(SOURCE)
+STANDBY_SOURCE["Config"]["Cmd"] = ["celery", "-A", "core", "worker", "-Q", "fast", "-n", "worker-fast@%h"]
+
+
+def standby_body(template: dict[str, Any] = STANDBY_SOURCE, *, number: int = 7) -> dict[str, Any]:
+    """What the Compose backend sends for a standby of `template` (Cloner._plan_clone with standby=True)."""
+    name = f"stack-worker-fast-{number}"
+    primary, others = endpoints(template, name=name)
+    config = clone_spec.standby_config(template, pool="fast", number=number, image=template["Config"]["Image"],
+                                       name=name)
+    body = with_network(Clone(name=name, config=config, primary=primary, others=others))
+    return loads_object(json.dumps({k: v for k, v in body.items() if v is not None}).encode())
+
+
+def test_the_backends_standby_create_passes_and_differs_from_a_clone_only_in_role_and_queue() -> None:
+    body = standby_body()
+    assert same(judge(body, templates=(STANDBY_SOURCE,)), body)
+    plain = backend_body(STANDBY_SOURCE)
+    assert body["Labels"] == {**plain["Labels"], "autoscaler.role": "standby"}
+    assert body["Cmd"] == ["celery", "-A", "core", "worker", "-Q", "autoscaler.standby.stack-worker-fast-7", "-n",
+                           "worker-fast@%h"]
+    assert {k: v for k, v in body.items() if k not in ("Labels", "Cmd")} == {
+        k: v for k, v in plain.items() if k not in ("Labels", "Cmd")
+    }
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    (lambda b: b["Cmd"].__setitem__(5, "fast"), "Cmd[5]"),  # the role label, but the pool's queue
+    (lambda b: b["Cmd"].__setitem__(5, "autoscaler.standby.stack-worker-fast-8"), "Cmd[5]"),  # another's queue
+    (lambda b: b["Cmd"].append("--autoscale=10,1"), "Cmd has"),
+    (lambda b: b["Labels"].__setitem__("autoscaler.role", "replica"), "autoscaler.role"),
+    (lambda b: b["HostConfig"].__setitem__("Memory", 1), "HostConfig.Memory"),
+])
+def test_a_standby_create_that_differs_otherwise_is_refused_naming_it(change: Any, where: str) -> None:
+    body = standby_body()
+    change(body)
+    with pytest.raises(CloneRefusedError, match=where.replace("[", r"\[")):
+        judge(body, templates=(STANDBY_SOURCE,))
+
+
+def test_a_plain_clone_that_consumes_a_private_queue_or_claims_the_role_is_refused() -> None:
+    plain = backend_body(STANDBY_SOURCE)
+    plain["Labels"]["autoscaler.role"] = "standby"  # the label without the private queue
+    with pytest.raises(CloneRefusedError, match=r"Cmd\[5\]"):
+        judge(plain, templates=(STANDBY_SOURCE,))
+    private = backend_body(STANDBY_SOURCE)
+    private["Cmd"][5] = "autoscaler.standby.stack-worker-fast-7"  # the private queue without the label
+    with pytest.raises(CloneRefusedError, match=r"Cmd\[5\]"):
+        judge(private, templates=(STANDBY_SOURCE,))
+
+
+def test_no_standby_of_a_source_whose_command_has_no_queue_argument() -> None:
+    body = standby_body()
+    with pytest.raises(CloneRefusedError, match=r"no standby can be made of stack-worker-fast-1: Config\.Cmd has no"):
+        judge(body, templates=(SOURCE,))  # SOURCE's command is `celery worker`: it would consume every queue
+
+
+def test_a_standby_is_never_the_source_of_a_clone() -> None:
+    standby_container = copy.deepcopy(STANDBY_SOURCE)
+    standby_container["Config"]["Labels"]["autoscaler.role"] = "standby"
+    with pytest.raises(CloneRefusedError, match="has no container of pool"):
+        judge(backend_body(standby_container), templates=(standby_container,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_change_to_a_standby_create_is_refused_with_its_place_or_is_no_change(data: st.DataObject) -> None:
+    body = standby_body()
+    path = data.draw(st.sampled_from(_paths(body)))
+    changed = copy.deepcopy(body)
+    parent = changed
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = data.draw(_JSON)
+    try:
+        result = judge(loads_object(json.dumps(changed).encode()), templates=(STANDBY_SOURCE,))
+    except (JsonRefusedError, CloneRefusedError) as exc:
+        refusal = str(exc)
+        assert refusal
+        return
+    assert same(result, body) and same(changed, body), path

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["OWNER_LABEL", "Backend", "BackendError", "LeaseLostError", "TargetNotFoundError", "TargetStatus"]
 
@@ -51,6 +51,9 @@ class TargetStatus:
     wanted: int | None = None
     unplaceable: int = 0
     draining: int = 0
+    # Warm standbys (not in `running`, counted toward max + warm) and the memory they hold (their limits).
+    standby: int = 0
+    standby_memory: int = 0
 
     @property
     def may_scale_down(self) -> bool:
@@ -66,8 +69,17 @@ class Backend(Protocol):
         """The target's current replicas; raises BackendError."""
         ...
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
-        """Bring the target from `current` to `desired` replicas; raises BackendError."""
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
+        """Bring the target from `current` to `desired` replicas, activating, returning, booting or retiring warm
+        standbys as `standby` says (a backend without them refuses a plan); raises BackendError."""
+        ...
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:
+        """The pool's standbys that are active or whose change is unconfirmed (kept in the pool's state)."""
+        ...
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:
+        """Take over what an earlier controller recorded of the pool's standbys (`marks`, from its state)."""
         ...
 
     def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:

@@ -45,12 +45,14 @@ from autoscaler.backends.compose_model import (
     describe_replicas,
     normalize_project,
     nothing_to_clone,
+    room_to_create,
 )
+from autoscaler.backends.compose_standby import StandbyControl, Standbys, is_standby
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError
 from autoscaler.backends.docker_events import count_events
 from autoscaler.backends.start_backoff import StartBackoff
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["BusyProbe", "ComposeBackend", "ReplicaFailureHook"]
 
@@ -87,6 +89,8 @@ class ComposeBackend:
         read_only: bool = False,
         backoff: StartBackoff | None = None,
         clock: Callable[[], float] = time.time,
+        standby_control: StandbyControl | None = None,
+        on_standby: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self._docker = docker_connection
         self._read_only = read_only
@@ -112,6 +116,9 @@ class ComposeBackend:
         )
         self._own_project: str | None = None
         self._own_project_known = False
+        self._standby_control = standby_control
+        self._standbys = Standbys(standby_control, inspect=inspect, fence=docker_connection.check_fence,
+                                  read_only=read_only, on_count=on_standby)
 
     # -- Backend protocol ---------------------------------------------------------------------------
 
@@ -134,6 +141,8 @@ class ComposeBackend:
         problems = self._health.note_problems(pool, replicas, draining)
         running = [r for r in replicas if r.state == "running" and r.id not in draining]
         self._health.watch_unhealthy(pool, running)
+        self._standbys.verify(pool, running)
+        running, standbys = self._standbys.split(pool, running)
         unhealthy_yet = sum(1 for r in running if r.health == "starting")
         # Only our own creates hold the pool. Draining replicas are already left out of `running`, so a tick
         # during a long warm shutdown neither stops another victim nor re-creates one, and a burst that
@@ -144,68 +153,64 @@ class ComposeBackend:
         detail = describe_replicas(
             running=len(running), unhealthy_yet=unhealthy_yet, starting=max(starting, len(pending)),
             draining=len(draining), problems=problems,
-        )
+        ) + (f", {len(standbys)} standby" if standbys else "")
         backing_off = self._backoff.blocked(pool.name, self._clock())
         if backing_off:
             detail += f"; {backing_off}"
         # Victims in their warm shutdown still run: not capacity, but counted toward max (the decision caps).
         stopping = sum(1 for r in replicas if r.id in draining and r.state in PRESENT_STATES)
-        return TargetStatus(running=len(running), ready=ready, detail=f"{target}: {detail}", draining=stopping)
+        memory = self._standbys.report(pool, standbys)
+        return TargetStatus(running=len(running), ready=ready, detail=f"{target}: {detail}", draining=stopping,
+                            standby=len(standbys), standby_memory=memory)
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
         target = self._target(pool)
         draining, _ = self._in_flight(pool)  # before the listing, as in status()
         replicas = self._replicas(pool, target)
-        live = [r for r in replicas if r.state == "running" and r.id not in draining]
+        live, standbys = self._standbys.split(
+            pool, [r for r in replicas if r.state == "running" and r.id not in draining]
+        )
         if len(live) != current:
             # The count moved since status(); acting on the live one keeps a repeated call idempotent.
             logger.info("{}: {} running (loop saw {}); scaling to {}", target, len(live), current, desired)
-        if desired > len(live):
-            self._cloner.scale_up(pool, target, replicas, count=self._room_to_create(pool, target, replicas, desired))
-        elif desired < len(live):
-            self._scale_down(pool, target, replicas, live, count=len(live) - desired)
+        activated = 0
+        if desired > len(live) and standby.activate:
+            # First, and before any create: a standby serves within a second, a new replica boots for seconds.
+            activated = self._standbys.activate(pool, standbys, min(standby.activate, desired - len(live)))
+            standbys = standbys[activated:]
+        if desired < len(live):
+            self._scale_down(pool, target, replicas, live, count=len(live) - desired, to_standby=standby.to_standby)
+        if desired - activated > len(live) or standby.boot:
+            count, boot = self._room_to_create(pool, target, replicas, desired - activated, standbys=standby.boot)
+            self._cloner.scale_up(pool, target, replicas, count=count, standbys=boot)
+        if standby.retire:
+            self._retire(pool, target, standbys[: standby.retire])
 
-    def _room_to_create(self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], desired: int) -> int:
-        """How many containers a scale-up to `desired` may create; BackendError when none.
-
-        Replicas that are restarting, paused or just created count as capacity on their way (a crash loop
-        with `restart: unless-stopped` is "restarting", never running), and every container that exists
-        and is not stopped counts against `max`, whatever its state, victims still draining included: the
-        autoscaler never has more than `max` of a pool (`max + surge` while victims drain). The decision caps
-        first; this is the backend refusing even if asked. A pool whose last scale-ups kept failing backs off
-        (StartBackoff).
-        """
+    def _room_to_create(
+        self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], desired: int, *, standbys: int = 0
+    ) -> tuple[int, int]:
+        """How many replicas and standbys a scale-up to `desired` may create (compose_model.room_to_create: within
+        max, and max + warm with the standbys); BackendError when none, or while the pool backs off (StartBackoff)."""
         blocked = self._backoff.blocked(pool.name, self._clock())
         if blocked:
             raise BackendError(f"{target}: {blocked}")
         draining, _ = self._in_flight(pool)
-        stopping = [r for r in replicas if r.id in draining and r.state in PRESENT_STATES]
-        present = [r for r in replicas if r.id not in draining and r.state in PRESENT_STATES]
-        # How many the other containers may number: victims still run, and only they make room for `surge`.
-        allowed = pool.max + min(pool.surge, len(stopping)) - len(stopping)
-        live = [r for r in present if r.state == "running"]
-        now = self._clock()
-        # An old `created` container that is not ours is the operator's: counted against max, not as coming.
-        coming = [
-            r for r in present
-            if r.state in ("restarting", "paused") or (r.state == "created" and now - r.created < self._created_grace)
-        ]
-        count = min(desired - len(live) - len(coming), allowed - len(present))
-        if count <= 0:
-            drains = f" ({len(stopping)} draining)" if stopping else ""
-            surge = f" + surge {pool.surge}" if pool.surge and stopping else ""
-            raise BackendError(
-                f"{target}: {len(coming)} replica(s) restarting or starting ({', '.join(r.name for r in coming[:3])}) "
-                f"already make up the {desired - len(live)} wanted; not creating more"
-                if coming and desired - len(live) - len(coming) <= 0
-                else f"{target}: {len(present) + len(stopping)} containers exist{drains}, max is {pool.max}{surge}; "
-                "not creating more"
-            )
-        return count
+        running = [r for r in replicas if r.id not in draining and r.state == "running"]
+        live, _ = self._standbys.split(pool, running)
+        count, boot, refusal = room_to_create(
+            pool, replicas, draining=draining, live={r.id for r in live}, desired=desired, standbys=standbys,
+            now=self._clock(), created_grace=self._created_grace,
+        )
+        if refusal:
+            raise BackendError(f"{target}: {refusal}")
+        return count, boot
 
     def close(self) -> None:
         self._drainer.close()
         self._cloner.close()
+        close_control = getattr(self._standby_control, "close", None)
+        if callable(close_control):
+            close_control()
         close_probe = getattr(self._busy_probe, "close", None)
         if callable(close_probe):
             close_probe()  # the backend owns the probe it was given (it holds a broker connection)
@@ -359,21 +364,48 @@ class ComposeBackend:
     # -- scaling down -------------------------------------------------------------------------------
 
     def _scale_down(
-        self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], live: list[Replica], *, count: int
+        self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], live: list[Replica], *, count: int,
+        to_standby: int = 0,
     ) -> None:
         busy = self._busy(pool, frozenset(r.short_id for r in live))
+        if to_standby:
+            # Idle replicas that were standbys go back to standby (a later burst activates them at once); the
+            # rest drain. A plain replica cannot: its command consumes the pool's queues from boot.
+            returned = self._standbys.give_back(pool, live, min(to_standby, count), busy)
+            if returned:
+                logger.info("{}: returned {} to standby", target, ", ".join(r.name for r in returned))
+            count -= len(returned)
+            live = [r for r in live if r not in returned]
+            if count <= 0:
+                return
         victims = choose_victims(live, count=count, busy=busy)
         grace = math.ceil(pool.stop_timeout)
         # To zero: the last container of the service is stopped but kept, as the template a later scale-up
         # clones (Docker stays the only source of a container's configuration).
         chosen = {v.id for v in victims}
-        keep = victims[-1].id if victims and all(r.id in chosen for r in replicas) else None
+        # Standbys that stay are no template (their label, their private queue): the last plain one is kept.
+        plain = [v for v in victims if not is_standby(v)]
+        keep = plain[-1].id if plain and all(r.id in chosen for r in replicas if not is_standby(r)) else None
         self._backoff.spare(pool.name, chosen)  # their exits are ours, not failed starts
         self._drainer.start(pool.name, target, victims, grace=grace, keep=keep)
         logger.debug(
             "{}: stopping {} (grace {}s; busy workers: {})",
             target, [v.name for v in victims], grace, "unknown" if busy is None else len(busy),
         )
+
+    def _retire(self, pool: PoolPolicy, target: ServiceRef, standbys: list[Replica]) -> None:
+        """Stop standbys above `warm` (the policy lowered it): they run nothing, so a short grace is enough."""
+        if standbys:
+            self._backoff.spare(pool.name, [r.id for r in standbys])
+            self._drainer.start(pool.name, target, standbys, grace=math.ceil(min(pool.stop_timeout, 30.0)))
+
+    # -- warm standbys (compose_standby.py) -----------------------------------------------------------
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:
+        return self._standbys.book.marks(pool.name)
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:
+        self._standbys.book.restore(pool.name, marks)
 
     def _busy(self, pool: PoolPolicy, hosts: frozenset[str] | None = None) -> set[str] | None:
         if self._busy_probe is None:

@@ -18,9 +18,10 @@ from loguru import logger
 from autoscaler import clone_spec
 from autoscaler.backends.base import BackendError, LeaseLostError, TargetNotFoundError
 from autoscaler.backends.compose_model import Replica, ServiceRef, nothing_to_clone
+from autoscaler.backends.compose_standby import is_standby
 from autoscaler.backends.docker_client import DockerConnection, DockerNotFoundError, untyped_api
 from autoscaler.backends.start_backoff import StartBackoff
-from autoscaler.clone_spec import Endpoint, clone_config, create_body, endpoints
+from autoscaler.clone_spec import Endpoint, StandbyRefusedError, clone_config, create_body, endpoints, standby_config
 from autoscaler.policy.model import PoolPolicy
 
 __all__ = [
@@ -111,14 +112,35 @@ class Cloner:
         self._seen_templates[target] = template
         return template
 
-    def scale_up(self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], *, count: int) -> None:
+    def scale_up(
+        self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica], *, count: int, standbys: int = 0
+    ) -> None:
+        """Create and start `count` replicas and `standbys` warm standbys (compose_standby.py), one round."""
         template = self._template_for(pool, target, replicas)
         image = self._image_for(template)
         separator = name_separator(template, target)
+        numbers = next_numbers(replicas, count=count + standbys)
         clones = [
             self._plan_clone(template, pool=pool, target=target, number=n, separator=separator, image=image)
-            for n in next_numbers(replicas, count=count)
+            for n in numbers[:count]
         ]
+        refused: StandbyRefusedError | None = None
+        try:
+            clones += [
+                self._plan_clone(template, pool=pool, target=target, number=n, separator=separator, image=image,
+                                 standby=True)
+                for n in numbers[count:]
+            ]
+        except StandbyRefusedError as exc:
+            refused = exc  # the replicas are still made: only the standbys are refused, saying where
+        if clones:
+            self._create_round(pool, target, clones)
+        if refused is not None:
+            raise BackendError(
+                f"{target}: no warm standby can be made of {str(template.get('Name', '')).lstrip('/')}: {refused}"
+            )
+
+    def _create_round(self, pool: PoolPolicy, target: ServiceRef, clones: list[Clone]) -> None:
         self._track_starting(pool, len(clones))
         try:
             futures = [self._starter.submit(self._create_and_start, target, clone) for clone in clones]
@@ -143,7 +165,8 @@ class Cloner:
             )
 
     def _template_for(self, pool: PoolPolicy, target: ServiceRef, replicas: list[Replica]) -> dict[str, Any]:
-        template = self.template(target, replicas)
+        # A standby's own config (role label, private queue) is never a template: only the service's plain ones.
+        template = self.template(target, [r for r in replicas if not is_standby(r)])
         if template is None:
             raise TargetNotFoundError(nothing_to_clone(target, pool))
         return template
@@ -170,10 +193,14 @@ class Cloner:
         number: int,
         separator: str,
         image: str,
+        standby: bool = False,
     ) -> Clone:
         name = separator.join((target.project, target.service, str(number)))
         primary, others = endpoints(template, name=name)
-        config = clone_config(template, pool=pool.name, number=number, image=image)
+        config = (
+            standby_config(template, pool=pool.name, number=number, image=image, name=name) if standby
+            else clone_config(template, pool=pool.name, number=number, image=image)
+        )
         return Clone(name=name, config=config, primary=primary, others=others)
 
     def _create_and_start(self, target: ServiceRef, clone: Clone) -> str:

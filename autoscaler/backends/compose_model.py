@@ -33,6 +33,7 @@ __all__ = [
     "describe_replicas",
     "normalize_project",
     "nothing_to_clone",
+    "room_to_create",
 ]
 
 PROJECT_LABEL = "com.docker.compose.project"
@@ -40,6 +41,8 @@ SERVICE_LABEL = "com.docker.compose.service"
 CONTAINER_NUMBER_LABEL = "com.docker.compose.container-number"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
 VERSION_LABEL = "com.docker.compose.version"
+# A warm standby (autoscaler.clone_spec.ROLE_LABEL): counted against max + warm, not max, until activated.
+ROLE_LABEL = "autoscaler.role"
 # Marks the containers this backend created, so only its own crashed starts are ever cleaned up: a
 # `docker compose create` / `up --no-start` container of the same service is the operator's to start.
 CLONE_LABEL = "autoscaler.clone"
@@ -188,3 +191,42 @@ def describe_replicas(
     if problems.total:
         parts.append(problems.describe())
     return ", ".join(parts)
+
+
+def room_to_create(
+    pool: PoolPolicy, replicas: Sequence[Replica], *, draining: set[str], live: set[str], desired: int, standbys: int,
+    now: float, created_grace: float,
+) -> tuple[int, int, str]:
+    """(replicas, standbys) a scale-up to `desired` (`live`: the running replicas that are capacity) may create,
+    and why none when neither (else "").
+
+    Replicas that are restarting, paused or just created count as capacity on their way (a crash loop with
+    `restart: unless-stopped` is "restarting", never running), and every container that exists and is not
+    stopped counts against `max`, whatever its state, victims still draining included: the autoscaler never has
+    more than `max` of a pool (`max + surge` while victims drain), nor more than `max + warm` with its standbys
+    (labelled, not active). The decision caps first; this is the backend refusing even if asked.
+    """
+    stopping = [r for r in replicas if r.id in draining and r.state in PRESENT_STATES]
+    everything = [r for r in replicas if r.id not in draining and r.state in PRESENT_STATES]
+    present = [r for r in everything if r.id in live or r.labels.get(ROLE_LABEL) is None]
+    # How many the other containers may number: victims still run, and only they make room for `surge`.
+    allowed = pool.max + min(pool.surge, len(stopping)) - len(stopping)
+    # An old `created` container that is not ours is the operator's: counted against max, not as coming.
+    coming = [
+        r for r in present
+        if r.state in ("restarting", "paused") or (r.state == "created" and now - r.created < created_grace)
+    ]
+    count = max(0, min(desired - len(live) - len(coming), allowed - len(present)))
+    boot = max(0, min(standbys, allowed + pool.warm - len(everything) - count))
+    if count + boot > 0:
+        return count, boot, ""
+    if coming and desired - len(live) - len(coming) <= 0:
+        return 0, 0, (
+            f"{len(coming)} replica(s) restarting or starting ({', '.join(r.name for r in coming[:3])}) already make "
+            f"up the {desired - len(live)} wanted; not creating more"
+        )
+    drains = f" ({len(stopping)} draining)" if stopping else ""
+    surge = f" + surge {pool.surge}" if pool.surge and stopping else ""
+    warm = f" + warm {pool.warm}" if pool.warm else ""
+    return 0, 0, f"{len(everything) + len(stopping)} containers exist{drains}, max is {pool.max}{surge}{warm}; " \
+        "not creating more"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from autoscaler.backends.base import BackendError, TargetNotFoundError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["MemoryBackend"]
 
@@ -18,6 +18,8 @@ class MemoryBackend:
     replicas: dict[str, int] = field(default_factory=dict)
     actions: list[tuple[str, int, int]] = field(default_factory=list)
     fail_with: str | None = None
+    # Warm standbys per target service, as counts: booted at once, activated at once (the simulator's model).
+    standbys: dict[str, int] = field(default_factory=dict)
 
     def check(self, pool: PoolPolicy) -> None:
         self._maybe_fail()
@@ -26,17 +28,30 @@ class MemoryBackend:
 
     def status(self, pool: PoolPolicy) -> TargetStatus:
         self.check(pool)
-        return TargetStatus(running=self.replicas[pool.target.service])
+        return TargetStatus(running=self.replicas[pool.target.service],
+                            standby=self.standbys.get(pool.target.service, 0))
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
         self.check(pool)
-        self.replicas[pool.target.service] = desired
+        service = pool.target.service
+        if standby:
+            self.standbys[service] = max(0, self.standbys.get(service, 0) + standby.boot + standby.to_standby
+                                         - standby.activate - standby.retire)
+        if standby and desired == current:
+            return  # standbys only: the count holds
+        self.replicas[service] = desired
         self.actions.append((pool.name, current, desired))
 
     def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:  # noqa: ARG002 - protocol
         return ()
 
     def resume_drains(self, pool: PoolPolicy, marks: tuple[tuple[str, float], ...]) -> None:  # noqa: ARG002
+        return None
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:  # noqa: ARG002 - protocol
+        return ()
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:  # noqa: ARG002
         return None
 
     def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:  # noqa: ARG002 - protocol

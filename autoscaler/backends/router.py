@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from autoscaler.backends.base import Backend, BackendError, TargetStatus
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["BackendRouter"]
 
@@ -24,8 +24,17 @@ class BackendRouter:
     def status(self, pool: PoolPolicy) -> TargetStatus:
         return self._for(pool).status(pool)
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
-        self._for(pool).scale(pool, current=current, desired=desired)
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
+        if standby:
+            self._for(pool).scale(pool, current=current, desired=desired, standby=standby)
+        else:
+            self._for(pool).scale(pool, current=current, desired=desired)
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:
+        return self._for(pool).standby_marks(pool)
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:
+        self._for(pool).resume_standbys(pool, marks)
 
     def drain_marks(self, pool: PoolPolicy) -> tuple[tuple[str, float], ...]:
         return self._for(pool).drain_marks(pool)

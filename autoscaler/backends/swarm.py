@@ -26,7 +26,7 @@ from autoscaler.backends.docker_client import (
 )
 from autoscaler.backends.swarm_drain import SwarmDrainer, WorkerControl
 from autoscaler.policy.model import PoolPolicy
-from autoscaler.types import StartBackoffState
+from autoscaler.types import NO_STANDBY, StandbyPlan, StartBackoffState
 
 __all__ = ["START_BOUND", "UPDATE_ATTEMPTS", "SwarmBackend", "TaskCounts", "count_tasks", "replicas_only"]
 
@@ -146,7 +146,10 @@ class SwarmBackend:
             draining=stopping,
         )
 
-    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int, standby: StandbyPlan = NO_STANDBY) -> None:
+        if standby:
+            # The policy refuses `warm` on a Swarm target (model.py); this is the backend refusing even if asked.
+            raise BackendError(f"pool {pool.name}: warm standbys are not supported on Swarm")
         if self._drainer is not None:
             final = self._drainer.final(pool.name)
             if final is not None and desired >= final:
@@ -171,6 +174,12 @@ class SwarmBackend:
             return
         info, wanted = self._replicated_spec(pool)
         self._drainer.resume(pool, info, self._tasks(str(info["ID"])), marks, replicas=wanted)
+
+    def standby_marks(self, pool: PoolPolicy) -> tuple[tuple[str, str], ...]:  # noqa: ARG002 - protocol
+        return ()
+
+    def resume_standbys(self, pool: PoolPolicy, marks: tuple[tuple[str, str], ...]) -> None:  # noqa: ARG002
+        return None
 
     def start_backoff(self, pool: PoolPolicy) -> StartBackoffState:  # noqa: ARG002 - protocol
         return StartBackoffState()  # Swarm creates and restarts the tasks itself, paced by its restart policy

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from autoscaler.observability.celery_metrics import BrokerCollector
 from autoscaler.policy.model import BrokerOptions, Policy, PoolPolicy
 from autoscaler.sources.base import BrokerStatsReader, SourceError
-from autoscaler.types import Decision, QueueStats
+from autoscaler.types import Decision, QueueStats, StandbyPlan
 
 __all__ = ["Metrics", "action_kind"]
 
@@ -99,6 +99,20 @@ class Metrics:
             "message too large to read, or its size not measurable)",
             ["queue", "problem"],
             registry=r,
+        )
+        self.pool_standby = Gauge(
+            "autoscaler_pool_standby_replicas", "Warm standbys: booted, consuming none of the pool's queues",
+            ["pool"], registry=r,
+        )
+        self.pool_standby_memory = Gauge(
+            "autoscaler_pool_standby_memory_bytes",
+            "Memory the pool's warm standbys may hold: the sum of their memory limits (0 when unlimited)",
+            ["pool"], registry=r,
+        )
+        self.standby_actions = Counter(
+            "autoscaler_standby_actions",
+            "Warm standbys activated, returned, booted or retired, by outcome (ok, error, lease_lost, dry_run)",
+            ["pool", "action", "outcome"], registry=r,
         )
         self.policy_reloads = Counter(
             "autoscaler_policy_reloads", "Policy file reloads by result (ok, invalid)", ["result"], registry=r
@@ -195,6 +209,16 @@ class Metrics:
             )
             self._queue_gauges[queue] = children
         return children
+
+    def observe_standbys(self, pool: str, count: int, memory: int) -> None:
+        self.pool_standby.labels(pool).set(count)
+        self.pool_standby_memory.labels(pool).set(memory)
+
+    def count_standby_plan(self, pool: str, plan: StandbyPlan, outcome: str) -> None:
+        for action, count in (("activate", plan.activate), ("return", plan.to_standby), ("boot", plan.boot),
+                              ("retire", plan.retire)):
+            if count:
+                self.standby_actions.labels(pool, action, outcome).inc(count)
 
     def observe_decision(self, decision: Decision) -> None:
         if decision.current is not None:

@@ -16,6 +16,8 @@ One decision, in order::
       equal: hold
     last, any scale-up: replicas still draining count toward max; past max (+ surge) ─> capped (hold, or less)
     a scale-up (a repair too) while new replicas keep failing at start? ── yes ─> hold, saying until when
+    warm standbys (policy/standby.py): how many of the change are activations or returns, and how many
+    standbys to boot or retire
 
 Cooldowns: within `cooldown.up` of the previous scale-up, a scale-up waits only when a scale-down came in
 between or when it would reach no higher than that scale-up did: a higher reading during the same burst acts
@@ -30,6 +32,7 @@ from dataclasses import replace
 
 from autoscaler.policy.backoff import backing_off
 from autoscaler.policy.model import Metric, PoolPolicy, format_duration
+from autoscaler.policy.standby import plan_standby
 from autoscaler.policy.strategies import recommend
 from autoscaler.types import Decision, Direction, Observation, PoolState
 
@@ -42,7 +45,8 @@ def decide(pool: PoolPolicy, observation: Observation, state: PoolState, now: fl
     The state does not record the action itself: the caller does that with `PoolState.after_action`
     once the backend has actually scaled, so a failed or dry-run action starts no cooldown.
     """
-    return _backed_off(_capped(pool, observation.draining, _decide(pool, observation, state, now)), now)
+    decision = _backed_off(_capped(pool, observation.draining, _decide(pool, observation, state, now)), now)
+    return plan_standby(pool, observation, decision, now)
 
 
 def _capped(pool: PoolPolicy, draining: int, decision: Decision) -> Decision:

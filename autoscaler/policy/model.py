@@ -234,6 +234,11 @@ class PoolPolicy(_Strict):
         default=0, ge=0, le=MAX_REPLICAS,
         description="replicas allowed above max only while others are being stopped (they count toward max)",
     )
+    warm: int = Field(
+        default=0, ge=0, le=MAX_REPLICAS,
+        description="booted standby workers that consume none of the pool's queues until activated (Compose only);"
+        " they count toward max + warm, not as capacity",
+    )
     metric: Metric = Metric.WAITING
     tiers: list[Tier] | None = Field(default=None, min_length=1)
     per_replica: PerReplica | None = None
@@ -307,6 +312,9 @@ def semantic_errors(pool: PoolPolicy) -> list[tuple[tuple[str | int, ...], str]]
         errors.append((("tiers",), "set exactly one strategy: `tiers` or `per_replica`"))
     if pool.tiers is not None:
         errors.extend(_tier_errors(pool, pool.tiers))
+    if pool.warm and pool.target.kind != "compose":
+        # Swarm keeps one task spec per service: a standby's label and command would need a service of its own.
+        errors.append((("warm",), "warm standbys are only supported for Compose targets"))
     fb = pool.on_metric_failure
     if fb.replicas is not None and not pool.min <= fb.replicas <= pool.max:
         errors.append(

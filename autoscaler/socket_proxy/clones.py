@@ -4,7 +4,10 @@ The proxy looks the source up itself. The create's labels name a Compose project
 and service; the service's containers carrying the same `autoscaler.pool` label are the possible sources,
 and the body must equal, key for key and type for type, the clone the Compose backend builds from one of
 them (autoscaler.clone_spec: the same functions). The only freedom left to the sender is what the clone
-code itself varies: the container number (and the name made of it), and the image by name or by id.
+code itself varies: the container number (and the name made of it), and the image by name or by id. A warm
+standby is the one other body accepted: the same clone with the label `autoscaler.role=standby` and the queue
+argument of its command replaced by its private queue (clone_spec.standby_config), and nothing else; a
+standby's own config is never a source.
 On top of that equality, a body that would give the container privileges, capabilities, devices or host
 paths is refused even if its source has them: a worker pool must not need them.
 """
@@ -21,12 +24,16 @@ from autoscaler.clone_spec import (
     ONEOFF_LABEL,
     OWNER_LABEL,
     PROJECT_LABEL,
+    ROLE_LABEL,
     SERVICE_LABEL,
+    STANDBY_ROLE,
+    StandbyRefusedError,
     clone_config,
     connect_body,
     create_body,
     endpoints,
     name_separator,
+    standby_config,
 )
 
 __all__ = ["CloneRefusedError", "first_difference", "judge_connect", "judge_create", "never_allowed"]
@@ -123,9 +130,14 @@ def judge_create(body: dict[str, Any], *, name: str, projects: frozenset[str], s
     if not _NUMBER.fullmatch(number_text):
         raise CloneRefusedError(f"container number {number_text[:20]!r}")
     number, image = int(number_text), body.get("Image")
+    role = labels.get(ROLE_LABEL)
+    if role is not None and role != STANDBY_ROLE:
+        raise CloneRefusedError(f"label {ROLE_LABEL} is {str(role)[:20]!r}, not {STANDBY_ROLE!r}")
     differences: list[str] = []
     for source in sources(project, service, pool):
         source_name = str(source.get("Name", "")).lstrip("/")
+        if ROLE_LABEL in (source["Config"].get("Labels") or {}):
+            continue  # a standby (its label, its private queue) is never what a clone copies
         if image not in (source["Config"].get("Image"), source.get("Image")):
             differences.append(f"Image {_show(image)} is neither the image of {source_name} nor its id")
             continue
@@ -134,7 +146,12 @@ def judge_create(body: dict[str, Any], *, name: str, projects: frozenset[str], s
             differences.append(f"name {name!r} is not {expected_name!r}")
             continue
         primary, _ = endpoints(source, name=name)
-        expected = create_body(clone_config(source, pool=pool, number=number, image=str(image)), primary)
+        try:
+            config = _expected_config(source, pool=pool, number=number, image=str(image), name=name, role=role)
+        except StandbyRefusedError as exc:
+            differences.append(f"no standby can be made of {source_name}: {exc}")
+            continue
+        expected = create_body(config, primary)
         difference = first_difference(body, expected)
         if difference is None:
             refused = never_allowed(expected)
@@ -145,6 +162,15 @@ def judge_create(body: dict[str, Any], *, name: str, projects: frozenset[str], s
     if not differences:
         raise CloneRefusedError(f"service {service!r} of project {project!r} has no container of pool {pool!r}")
     raise CloneRefusedError(f"not a clone of service {service} in project {project}: {differences[0]}")
+
+
+def _expected_config(
+    source: dict[str, Any], *, pool: str, number: int, image: str, name: str, role: Any
+) -> dict[str, Any]:
+    """A plain clone of `source`, or its standby variant when the create asks for one."""
+    if role is None:
+        return clone_config(source, pool=pool, number=number, image=image)
+    return standby_config(source, pool=pool, number=number, image=image, name=name)
 
 
 def judge_connect(body: dict[str, Any], *, network: str, clone: dict[str, Any], projects: frozenset[str],

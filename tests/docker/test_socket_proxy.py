@@ -36,6 +36,7 @@ from autoscaler.socket_proxy.calls import Context
 from autoscaler.socket_proxy.engine import Engine, request_bytes
 from autoscaler.socket_proxy.judge import Judge
 from autoscaler.socket_proxy.server import ProxyServer
+from autoscaler.types import StandbyPlan
 from tests.docker.conftest import DockerEnv
 
 pytestmark = pytest.mark.docker
@@ -161,6 +162,29 @@ def test_the_compose_backend_scales_up_and_down_through_the_proxy(proxied: Proxi
     finally:
         backend.close()
     refusals = [line for line in proxied.logs().splitlines() if " 403 " in line]
+    assert not refusals, refusals
+
+
+def test_a_warm_standby_is_created_through_the_proxy_and_no_other_variant(proxied: Proxied) -> None:
+    """The standby create (role label, private queue) passes; the same with the pool's queue kept is refused."""
+    backend = ComposeBackend(docker_connection=DockerConnection(base_url=f"tcp://{proxied.address}:2375"))
+    pool = make_pool("proxied", service="worker", project=proxied.project.name, stop_timeout="3s")
+    pool = pool.model_copy(update={"warm": 1, "max": 1, "min": 1})
+    name, body = proxied.clone(91)
+    body["Labels"]["autoscaler.role"] = "standby"  # the label, but the command still consumes `fast`
+    status, answer = proxied.send(create(name, body))
+    assert status == 403, answer
+    assert "Cmd[3]" in answer
+    assert not proxied.created(name)
+    try:
+        backend.scale(pool, current=1, desired=1, standby=StandbyPlan(boot=1))
+        (standby,) = [c for c in proxied.project.containers("worker") if c.labels.get("autoscaler.role") == "standby"]
+        assert standby.attrs["Config"]["Cmd"] == ["/app/sleeper.py", "worker", "-Q",
+                                                  f"autoscaler.standby.{standby.name}"]
+        standby.remove(force=True)
+    finally:
+        backend.close()
+    refusals = [line for line in proxied.logs().splitlines() if " 403 " in line and "Cmd[3] is 'fast'" not in line]
     assert not refusals, refusals
 
 
