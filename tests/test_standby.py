@@ -293,3 +293,36 @@ def test_an_idle_activated_standby_returns_to_its_private_queue() -> None:
     assert fleet.queues[node] == {private_queue(replica.name)}
     assert standbys.split(pool(), [replica]) == ([], [replica])
     assert standbys.report(pool(), [replica]) == 256 << 20
+
+
+def test_a_scale_up_that_activates_standbys_creates_the_rest_of_the_count() -> None:
+    """2 running + 2 standbys, a burst to 10: the 2 activated count once, so 6 new replicas are created (the
+    backend once subtracted the activations twice and created 4: 8 running, and the next tick "repaired" it)."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from autoscaler.backends.compose import ComposeBackend  # noqa: PLC0415
+
+    p = pool(max_=10, warm=2)
+    labels = {"com.docker.compose.project": "p", "com.docker.compose.service": "worker-fast",
+              "autoscaler.pool": "fast"}
+    plain = [Replica(id=f"{n:064x}", name=f"p-worker-fast-{n}", state="running", status="Up 1 minute",
+                     created=NOW + n, labels={**labels, "com.docker.compose.container-number": str(n)})
+             for n in (1, 2)]
+    replicas = [*plain, standby_replica(3), standby_replica(4)]
+    fleet = Fleet()
+    for r in replicas:
+        fleet.queues[f"w@{r.short_id}"] = {"fast"} if r in plain else {private_queue(r.name)}
+    connection = SimpleNamespace(check_fence=lambda _what: None, close=lambda: None)
+    backend = ComposeBackend(docker_connection=connection, default_project="p",  # type: ignore[arg-type]
+                             standby_control=fleet, clock=lambda: NOW + 100)
+    backend._replicas = lambda _pool, _target: list(replicas)  # type: ignore[method-assign]
+    backend._standbys._inspect = lambda cid: {  # type: ignore[method-assign]
+        "Config": {"Cmd": ["celery", "worker", "-n", "w@%h"], "Hostname": cid[:12]}, "HostConfig": {}}
+    created: dict[str, int] = {}
+
+    def scale_up(_pool: PoolPolicy, _target: object, _replicas: object, *, count: int, standbys: int = 0) -> None:
+        created.update(count=count, standbys=standbys)
+
+    backend._cloner.scale_up = scale_up  # type: ignore[method-assign]
+    backend.scale(p, current=2, desired=10, standby=StandbyPlan(activate=2, boot=2))
+    assert created == {"count": 6, "standbys": 2}

@@ -181,7 +181,8 @@ class ComposeBackend:
         if desired < len(live):
             self._scale_down(pool, target, replicas, live, count=len(live) - desired, to_standby=standby.to_standby)
         if desired - activated > len(live) or standby.boot:
-            count, boot = self._room_to_create(pool, target, replicas, desired - activated, standbys=standby.boot)
+            # The activated standbys are capacity in the book now: _room_to_create counts them among the live.
+            count, boot = self._room_to_create(pool, target, replicas, desired, standbys=standby.boot)
             self._cloner.scale_up(pool, target, replicas, count=count, standbys=boot)
         if standby.retire:
             self._retire(pool, target, standbys[: standby.retire])
