@@ -253,7 +253,7 @@ class Controller(PoolReconcile):
             self.metrics.source_errors.inc()
             logger.bind(error=str(exc)).error("metric source failed: {}; every pool holds this tick", exc)
             return {}, str(exc)
-        self.metrics.observe_queues(queues.values())
+        self.metrics.observe_queues(queues.values(), partial=names is not None)
         return queues, None
 
     def readiness(self, interval: float) -> tuple[bool, dict[str, Any]]:

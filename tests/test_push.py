@@ -305,3 +305,43 @@ def test_a_slow_drain_of_one_pool_does_not_delay_another_pools_scale_up(redis_ur
     assert stored["fast"].last_scale_up_to == 10
     assert backend.replicas == {"worker-fast": 10, "worker-io": 2}
     assert isinstance(stored["io"], PoolState)
+
+
+def test_a_push_evaluation_keeps_the_other_queues_lengths_on_metrics(tmp_path: Path) -> None:
+    """An early evaluation reads only the woken pool's queues: celery_queue_length of the others stays (it
+    vanished until the next tick, a gap in every dashboard and alert on that name)."""
+    from prometheus_client import generate_latest  # noqa: PLC0415
+
+    from autoscaler.state_store import MemoryStateStore  # noqa: PLC0415
+    from autoscaler.types import QueueStats  # noqa: PLC0415
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "interval: 1h\npools:\n"
+        "  fast:\n    target: {compose: {service: worker-fast}}\n    queues: [fast]\n    min: 2\n    max: 10\n"
+        "    tiers: [{above: 500, replicas: 10}, {below: 10, replicas: 2}]\n"
+        "  io:\n    target: {compose: {service: worker-io}}\n    queues: [io]\n    min: 2\n    max: 6\n"
+        "    tiers: [{above: 100, replicas: 6}, {below: 10, replicas: 2}]\n"
+    )
+    depth = {"fast": 0, "io": 50}
+
+    class Source:
+        def observe(self, queues: list[str]) -> dict[str, QueueStats]:
+            return {q: QueueStats(q, depth[q]) for q in queues}
+
+        def close(self) -> None:
+            pass
+
+    metrics = Metrics()
+    controller = Controller(policies=PolicyWatcher(path), source=Source(),  # type: ignore[arg-type]
+                            backend=MemoryBackend({"worker-fast": 2, "worker-io": 2}), store=MemoryStateStore(),
+                            metrics=metrics)
+    metrics.set_leader(True)
+    controller.tick()
+    depth["fast"] = 600
+    report = controller.evaluate({"fast"})
+    assert report.pools and report.pools[0].decision.desired == 10
+    lengths = [line for line in generate_latest(metrics.registry).decode().splitlines()
+               if line.startswith("celery_queue_length")]
+    assert any('queue_name="io"' in line and line.endswith(" 50.0") for line in lengths), lengths
+    assert any('queue_name="fast"' in line and line.endswith(" 600.0") for line in lengths), lengths

@@ -54,8 +54,14 @@ class BrokerCollector(Collector):
         self._snapshot: _Snapshot | None = None
         self._warned: set[str] = set()
 
-    def observe_queues(self, queues: Iterable[QueueStats]) -> None:
-        self._lengths = {q.name: q.waiting for q in queues if q.error is None}
+    def observe_queues(self, queues: Iterable[QueueStats], *, partial: bool = False) -> None:
+        """The tick's read replaces every length; a partial one (a push evaluation's) updates only its queues."""
+        lengths = {q.name: q.waiting for q in queues if q.error is None}
+        if partial:
+            unreadable = {q.name for q in queues if q.error is not None}
+            self._lengths = {k: v for k, v in self._lengths.items() if k not in unreadable} | lengths
+        else:
+            self._lengths = lengths
 
     def forget_stats(self, error: str) -> None:
         """The stats read failed: no series rather than stale ones; the failure logged once in a row."""

@@ -180,9 +180,9 @@ class Metrics:
         self._last_action_labels[pool.name] = labels
         self.last_action.labels(*labels).set(now)
 
-    def observe_queues(self, queues: Iterable[QueueStats]) -> None:
+    def observe_queues(self, queues: Iterable[QueueStats], *, partial: bool = False) -> None:
         queues = list(queues)
-        self.broker.observe_queues(queues)
+        self.broker.observe_queues(queues, partial=partial)
         for q in queues:
             waiting, unacked, latency = self._queue_children(q.name)
             waiting.set(math.nan if q.error else q.waiting)
