@@ -165,7 +165,8 @@ class PoolReconcile:
     ) -> PoolReport:
         assert self.states is not None
         status, backend_error = self._status(pool)
-        if status is not None and pool.enabled and not actuator.dry_run:
+        if status is not None and pool.enabled and not actuator.dry_run and not early:
+            # Not on an early pass: anyone who can push to a queue may wake one, and a replacement is a drain.
             status = self._replace_unhealthy(pool, status)
         pool_queues = tuple(queues[q] for q in pool.queues if q in queues)
         observation = Observation(
@@ -184,6 +185,8 @@ class PoolReconcile:
             # Woken by the queue watcher: only a scale-up is urgent; a scale-down keeps the interval's rhythm.
             decision = replace(decision, desired=decision.current, standby=StandbyPlan(),
                                reason=f"{decision.reason}; a scale-down waits for the next tick")
+        elif early and decision.direction is Direction.HOLD and decision.standby:
+            decision = replace(decision, standby=StandbyPlan())  # boots and retires keep the tick's rhythm too
         if status is not None:
             self.metrics.pool_unplaceable.labels(pool.name).set(status.unplaceable)
         action = None

@@ -345,3 +345,46 @@ def test_a_push_evaluation_keeps_the_other_queues_lengths_on_metrics(tmp_path: P
                if line.startswith("celery_queue_length")]
     assert any('queue_name="io"' in line and line.endswith(" 50.0") for line in lengths), lengths
     assert any('queue_name="fast"' in line and line.endswith(" 600.0") for line in lengths), lengths
+
+
+def test_a_push_evaluation_replaces_no_unhealthy_replica_and_boots_no_standby(tmp_path: Path) -> None:
+    """What anyone who can push to a queue may cause is an early read and a scale-up, nothing else: no
+    unhealthy replacement (a drain: up to 8 an interval), no standby boot or retire on a hold."""
+    from autoscaler.state_store import MemoryStateStore  # noqa: PLC0415
+    from autoscaler.types import QueueStats  # noqa: PLC0415
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "interval: 1h\npools:\n"
+        "  fast:\n    target: {compose: {service: worker-fast}}\n    queues: [fast]\n    min: 2\n    max: 10\n"
+        "    warm: 2\n    tiers: [{above: 500, replicas: 10}, {below: 10, replicas: 2}]\n"
+        "    cooldown: {up: 1h}\n"
+    )
+    depth = {"fast": 0}
+
+    class Source:
+        def observe(self, queues: list[str]) -> dict[str, QueueStats]:
+            return {q: QueueStats(q, depth[q]) for q in queues}
+
+        def close(self) -> None:
+            pass
+
+    class Backend(MemoryBackend):
+        replaced = 0
+
+        def replace_unhealthy(self, pool: PoolPolicy) -> int:
+            self.replaced += 1
+            return 0
+
+    backend = Backend({"worker-fast": 2})
+    backend.standbys["worker-fast"] = 2
+    controller = Controller(policies=PolicyWatcher(path), source=Source(),  # type: ignore[arg-type]
+                            backend=backend, store=MemoryStateStore(), metrics=Metrics())
+    controller.tick()
+    assert backend.replaced == 1
+    backend.standbys["worker-fast"] = 0  # both standbys gone: the tick would boot two
+    depth["fast"] = 50  # a hold band: no scale-up
+    report = controller.evaluate({"fast"})
+    assert backend.replaced == 1
+    assert report.pools[0].action is None
+    assert backend.standbys["worker-fast"] == 0
