@@ -9,6 +9,7 @@ has recorded it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 __all__ = ["ActionsInFlight"]
@@ -46,9 +47,10 @@ class ActionsInFlight:
         thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the actions under way (each up to `timeout`); True when none is left."""
+        """Wait for the actions under way, all of them together up to `timeout`; True when none is left."""
         with self.lock:
             threads = list(self._threads.values())
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not self.pools()

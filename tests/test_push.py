@@ -388,3 +388,16 @@ def test_a_push_evaluation_replaces_no_unhealthy_replica_and_boots_no_standby(tm
     assert backend.replaced == 1
     assert report.pools[0].action is None
     assert backend.standbys["worker-fast"] == 0
+
+
+def test_stopping_waits_for_all_the_actions_under_way_at_most_once_the_timeout() -> None:
+    """The wait is one deadline for all, not one per action: five stuck actions and a 1 s wait take about 1 s
+    (each joined with the whole timeout, 5 s: past Compose's 30 s stop grace with a stop wait of 10 s)."""
+    actions, release = ActionsInFlight(), threading.Event()
+    for n in range(5):
+        actions.start(f"pool{n}", release.wait)
+    started = time.monotonic()
+    assert actions.wait(1.0) is False
+    assert time.monotonic() - started < 3.0
+    release.set()
+    assert actions.wait(5.0) is True
