@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import redis
 from loguru import logger
@@ -20,6 +23,9 @@ from loguru import logger
 from autoscaler.backends.base import LeaseLostError
 
 __all__ = ["Fence", "LeaderLock", "Lease"]
+
+# The lease term a background action (and whatever it runs in its context) was begun under; None elsewhere.
+_ACTION_TERM: ContextVar[int | None] = ContextVar("autoscaler_action_term", default=None)
 
 # 2: taken now (it was free or expired), 1: renewed (already ours), 0: another replica holds it.
 _ACQUIRE_OR_RENEW = """
@@ -142,10 +148,36 @@ class Fence:
         """The lease's term (`LeaderLock.term`): work begun under an earlier one must not go on as it was."""
         return self._lock.term if self._lock is not None else 0
 
+    @contextmanager
+    def acting_under(self, term: int) -> Iterator[None]:
+        """Within it, this thread's fence checks also fail once the lease's term is no longer `term`.
+
+        A background action decided under one lease must not go on after the lease lapsed, another replica led,
+        and this one took the lock again: the re-armed fence and the renewed lease would let it through.
+        """
+        token = _ACTION_TERM.set(term)
+        try:
+            yield
+        finally:
+            _ACTION_TERM.reset(token)
+
+    def stale(self) -> bool:
+        """True in an action begun under an earlier term (see `acting_under`)."""
+        bound = _ACTION_TERM.get()
+        return bound is not None and bound != self.term()
+
     def check(self, what: str) -> None:
         if self._lock is None:
             return
         if self.lost is None and self._lock.confirm():
+            # The term is read after the lease was confirmed: a confirm that passed only because the lock was
+            # taken again meanwhile reads the new term (LeaderLock counts it under the same lock).
+            if self.stale():
+                # Not `lost`: the lease is ours, only this action is out of date; the new term's work goes on.
+                raise LeaseLostError(
+                    f"this action was begun under an earlier leader lease (term {_ACTION_TERM.get()}, now "
+                    f"{self.term()}; before '{what}'): another replica may have acted in between"
+                )
             return
         if self.lost is None:
             self.lost = what

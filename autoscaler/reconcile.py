@@ -232,16 +232,31 @@ class PoolReconcile:
             self.states[pool.name] = self._settle(pool, decision, None, now).state
             self._watch.pop(pool.name, None)
 
+        # The action's fence checks (and its state write) fail once the lease was lost and taken again: another
+        # replica may have acted in between, and this decision and its state are older than that.
+        term = self.fence.term() if self.fence is not None else 0
+        fence = self.fence
+
         def work() -> None:
             try:
-                action = actuator.scale(pool, decision)
-                with self.actions_lock():
-                    settled = self._settle(pool, decision, action, now)
-                    if self.states is not None:
-                        self.states[pool.name] = settled.state
-                    self._remember_for_watch(pool, decision.desired if action.ok else decision.current, pool_queues)
-                    if self._still_leading("write the pool state"):
-                        self.store.save({pool.name: settled.state})
+                with fence.acting_under(term) if fence is not None else nullcontext():
+                    action = actuator.scale(pool, decision)
+                    with self.actions_lock():
+                        # Read before the term: a lease taken again since replaced this dict with the stored one.
+                        states = self.states
+                        if fence is not None and fence.stale():
+                            logger.bind(pool=pool.name).warning(
+                                "pool {}: the action begun under an earlier leader lease ended; its state is not "
+                                "recorded (the lease was lost and taken again: the stored state is newer)", pool.name
+                            )
+                            return
+                        settled = self._settle(pool, decision, action, now)
+                        if states is not None:
+                            states[pool.name] = settled.state
+                        self._remember_for_watch(pool, decision.desired if action.ok else decision.current,
+                                                 pool_queues)
+                        if self._still_leading("write the pool state"):
+                            self.store.save({pool.name: settled.state})
             except StateStoreError as exc:
                 logger.bind(pool=pool.name, error=str(exc)).error("{}; the next tick writes it", exc)
             except Exception as exc:

@@ -74,3 +74,43 @@ def test_the_busy_probe_returns_once_every_expected_worker_answered(redis_url: s
         assert answer == [set()]  # answered, and idle: not None ("unknown")
     finally:
         probe.close()
+
+
+def test_a_probe_asked_while_another_pools_probe_waits_gets_its_own_answer() -> None:
+    """Two pools' actions scale down at once (one thread each) and share the one probe: the second must wait its
+    turn and get an answer, not None, which on Swarm would let Swarm choose the victims (issue 19 review).
+
+    The broker's side is scripted (a gate holds the first broadcast): what is tested is the probe's own queueing."""
+    probe = CeleryBusyProbe(broker_url="redis://127.0.0.1:1/0", timeout=60.0)
+    first_waiting, release = threading.Event(), threading.Event()
+    asked: list[frozenset[str] | None] = []
+
+    def scripted_ask(hosts: frozenset[str] | None = None) -> dict[str, object] | None:
+        asked.append(hosts)
+        if len(asked) == 1:
+            first_waiting.set()
+            release.wait(60)
+        return {f"celery@{host}": [{"id": "t"}] if host.startswith("busy") else [] for host in hosts or ()}
+
+    probe._ask = scripted_ask  # type: ignore[method-assign]
+    answers: dict[str, dict[str, bool] | None] = {}
+    io = PoolPolicy.model_validate({**POOL.model_dump(), "name": "io"})
+
+    def act(pool: PoolPolicy, hosts: frozenset[str]) -> None:
+        answers[pool.name] = probe.workers(pool, hosts=hosts)
+
+    first = threading.Thread(target=act, args=(POOL, frozenset({"aaa"})), daemon=True)
+    second = threading.Thread(target=act, args=(io, frozenset({"busy-b", "ccc"})), daemon=True)
+    try:
+        first.start()
+        assert first_waiting.wait(60)
+        second.start()
+        second.join(timeout=2)  # before the fix it returned None at once; now it waits its turn
+        release.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+        assert answers == {"fast": {"celery@aaa": False}, "io": {"celery@busy-b": True, "celery@ccc": False}}
+        assert asked == [frozenset({"aaa"}), frozenset({"busy-b", "ccc"})]
+    finally:
+        release.set()
+        probe.close()

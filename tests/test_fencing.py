@@ -19,6 +19,7 @@ from autoscaler.backends.compose import ComposeBackend
 from autoscaler.backends.docker_client import DockerConnection
 from autoscaler.backends.memory import MemoryBackend
 from autoscaler.backends.swarm_drain import SwarmDrainer
+from autoscaler.inflight import ActionsInFlight
 from autoscaler.leader import Fence, LeaderLock, Lease
 from autoscaler.loop import Controller
 from autoscaler.observability.metrics import Metrics
@@ -268,3 +269,84 @@ def test_drains_a_new_leader_cannot_resume_yet_stay_in_the_state(redis_url: str,
     assert store.load(["fast"])["fast"].draining == marks
     new_leader.tick()
     assert backend.resumed == [("failed", marks), ("fast", marks)]
+
+
+class GatedBackend(FencedBackend):
+    """Scripted: the first scale blocks until the test lets it go (a create in flight), then checks the fence as
+    the Docker backend does before its next call."""
+
+    def __init__(self, replicas: dict[str, int], fence: Fence) -> None:
+        super().__init__(replicas, fence)
+        self.gate, self.blocked = threading.Event(), threading.Event()
+
+    def scale(self, pool: PoolPolicy, *, current: int, desired: int) -> None:
+        if not self.blocked.is_set():
+            self.blocked.set()
+            assert self.gate.wait(60)
+        super().scale(pool, current=current, desired=desired)
+
+
+def test_an_action_begun_under_a_lease_lost_and_taken_again_neither_acts_nor_writes(
+    redis_url: str, policy_file: Path
+) -> None:
+    """A's action (2 -> 10) is in flight when its lease lapses; B leads, finds the queue drained and writes its
+    state; B's lease lapses and A takes the lock again (re-armed fence, reloaded state). A's old action must
+    not carry out the decision made before B led nor write its state over B's; A's next action works."""
+    client = redis.Redis.from_url(redis_url)
+    clock = Clock()
+    lock_a, lock_b = lock(redis_url, "a", 30.0), lock(redis_url, "b", 30.0)
+    fence_a, fence_b = Fence(lock_a), Fence(lock_b)
+    backend_a = GatedBackend({"worker-fast": 2, "worker-io": 2}, fence_a)
+    backend_b = FencedBackend({}, fence_b)
+    backend_b.replicas = backend_a.replicas  # one engine
+    a = controller(redis_url, policy_file, backend_a, lock_a, fence_a, clock)
+    a.actions = ActionsInFlight()
+    b = controller(redis_url, policy_file, backend_b, lock_b, fence_b, clock)
+    publish(redis_url, "fast", 600)
+    assert a.tick().pools[0].decision.desired == 10
+    assert backend_a.blocked.wait(60)  # A's scale-up is in flight
+    client.delete("autoscaler:leader", "fast")  # A's lease lapses (A is paused); the queue drains
+    clock.now += 40
+    assert b.tick().role == "leader"
+    b_state = client.get("autoscaler:state:fast")
+    assert b_state is not None and backend_a.replicas["worker-fast"] == 2
+    client.delete("autoscaler:leader")  # B stops; A takes the lock again
+    clock.now += 5
+    assert a.tick().role == "leader" and lock_a.term == 2
+    backend_a.gate.set()
+    assert a.actions.wait(60)
+    assert backend_a.actions == [], "A's action from before B led went on after A took the lock again"
+    assert client.get("autoscaler:state:fast") == b_state, "A's stale action wrote its state over B's"
+    # An action of the new term acts and records its state as usual.
+    publish(redis_url, "fast", 600)
+    clock.now += 40
+    assert a.tick().pools[0].decision.desired == 10
+    assert a.actions.wait(60)
+    assert backend_a.actions == [("fast", 2, 10)]
+    assert a.store.load(["fast"])["fast"].target == 10
+
+
+def test_fence_checks_bound_to_a_term_fail_once_the_lock_was_taken_again(redis_url: str) -> None:
+    """Only the checks made within the old term's `acting_under` fail: the new term's work (the tick, a fresh
+    action, a thread started elsewhere) is not fenced off, and the fence is not marked lost."""
+    the_lock = lock(redis_url, "a", 30.0)
+    fence = Fence(the_lock)
+    assert the_lock.acquire_or_renew() is Lease.ACQUIRED
+    old = fence.term()
+    with fence.acting_under(old):
+        fence.check("a call of the first term")
+        redis.Redis.from_url(redis_url).delete("autoscaler:leader")  # lapsed; another replica may have led
+        assert the_lock.acquire_or_renew() is Lease.ACQUIRED
+        with pytest.raises(LeaseLostError, match="earlier leader lease"):
+            fence.check("a call of the first term, now stale")
+        assert fence.stale()
+        with fence.acting_under(fence.term()):
+            fence.check("a call of the new term, nested")
+    assert fence.lost is None and not fence.stale()
+    fence.check("the new term's tick")
+    seen: list[bool] = []
+    with fence.acting_under(old):
+        outside = threading.Thread(target=lambda: seen.append(fence.stale()))  # threads do not inherit it
+        outside.start()
+        outside.join()
+    assert seen == [False]

@@ -46,8 +46,11 @@ def worker_nodes(replies: dict[str, Any] | None) -> dict[str, bool] | None:
 class CeleryBusyProbe:
     """A `BusyProbe` for `ComposeBackend`: `probe(pool)` -> hostnames of busy workers, or None if unknown.
 
-    `broker_url` is Celery's broker (settings.redis_url). One probe runs at a time; a call made while the
-    previous one is still waiting for the broker answers None rather than queueing behind it.
+    `broker_url` is Celery's broker (settings.redis_url). One probe runs at a time (one broadcast in flight): a
+    call made while other pools' probes are under way (their actions run at once) waits for them, then asks its
+    own question; it answers None only if its own answer does not come in time. Each waits for the probes ahead
+    of it as well as for its own, so a busy broker delays a scale-down by a probe per pool at most; a call that
+    gives up withdraws its probe if it has not started, so a slow broker does not pile them up.
     """
 
     def __init__(self, *, broker_url: str, timeout: float = DEFAULT_PROBE_TIMEOUT) -> None:
@@ -56,7 +59,7 @@ class CeleryBusyProbe:
         self._app.conf.broker_connection_timeout = timeout
         self._app.conf.broker_connection_retry = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="celery-busy-probe")
-        self._pending: Future[dict[str, Any] | None] | None = None
+        self._pending: list[Future[dict[str, Any] | None]] = []  # submitted, not yet done: at most one per pool
         self._lock = threading.Lock()
 
     def __call__(self, pool: PoolPolicy, *, hosts: frozenset[str] | None = None) -> set[str] | None:
@@ -72,14 +75,17 @@ class CeleryBusyProbe:
 
     def _replies(self, pool: PoolPolicy, hosts: frozenset[str] | None) -> dict[str, Any] | None:
         with self._lock:
-            if self._pending is not None and not self._pending.done():
-                return None  # the broker is slow: don't pile up probes
-            self._pending = self._executor.submit(self._ask, hosts or None)
-            pending = self._pending
+            self._pending = [f for f in self._pending if not f.done()]
+            ahead = len(self._pending)
+            pending = self._executor.submit(self._ask, hosts or None)
+            self._pending.append(pending)
+        # Returning None here would not be "unknown broker": on Swarm it lets Swarm choose the victims itself.
+        wait = (self._timeout + WAIT_MARGIN) * (1 + ahead)
         try:
-            return pending.result(timeout=self._timeout + WAIT_MARGIN)
+            return pending.result(timeout=wait)
         except FutureTimeout:
-            logger.debug("pool {}: no busy-worker answer in {:.1f}s", pool.name, self._timeout + WAIT_MARGIN)
+            pending.cancel()  # not started yet: it never will (a started one ends within its own timeout)
+            logger.debug("pool {}: no busy-worker answer in {:.1f}s", pool.name, wait)
             return None
 
     def close(self) -> None:

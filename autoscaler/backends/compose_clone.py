@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextvars import copy_context
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,10 @@ class Cloner:
     def _create_round(self, pool: PoolPolicy, target: ServiceRef, clones: list[Clone]) -> None:
         self._track_starting(pool, len(clones))
         try:
-            futures = [self._starter.submit(self._create_and_start, target, clone) for clone in clones]
+            # Each in the caller's context: an action's fence checks go on failing there once its lease term is
+            # over (leader.py, Fence.acting_under). One copy per task: a context is entered by one thread at once.
+            futures = [self._starter.submit(copy_context().run, self._create_and_start, target, clone)
+                       for clone in clones]
             wait(futures)
         finally:
             self._track_starting(pool, -len(clones))
