@@ -14,7 +14,7 @@ import click
 from loguru import logger
 
 from autoscaler.observability.logs import configure_logging
-from autoscaler.policy.load import PolicyError, load_policy
+from autoscaler.policy.load import PolicyError, load_policy, load_policy_stream
 from autoscaler.policy.schema import policy_json_schema
 from autoscaler.settings import Settings, SettingsError, load_settings
 
@@ -46,11 +46,13 @@ def main() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
-    """Check policy files; exit 0 if all are valid, else 1 with every problem (file:line: field: message)."""
+    """Check policy files; exit 0 if all are valid, else 1 with every problem (file:line: field: message).
+
+    `-` reads one from standard input (e.g. `docker run -i IMAGE validate - <policy.yaml`)."""
     failed = False
     for path in files:
         try:
-            policy = load_policy(path)
+            policy = load_policy_stream(sys.stdin.buffer) if str(path) == "-" else load_policy(path)
         except PolicyError as exc:
             failed = True
             for problem in exc.problems:

@@ -143,6 +143,24 @@ def test_cli_validate_exit_codes() -> None:
     assert bad.stderr == (FIXTURES / "invalid" / "many_errors.errors").read_text()
 
 
+def test_cli_validate_reads_a_pipe_from_standard_input() -> None:
+    """`validate -` reads standard input, a pipe (`docker run -i IMAGE validate - <policy.yaml`, as
+    scripts/swarm-up does: a file named /dev/stdin is a pipe there, and pipes are not read as policy files),
+    bounded like a file, with problems located at `<stdin>`."""
+    def validate_stdin(data: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "autoscaler.cli", "validate", "-"], input=data,
+                              capture_output=True, cwd=ROOT, timeout=60, check=False)
+
+    good = validate_stdin((ROOT / "policies" / "default.yaml").read_bytes())
+    assert good.returncode == 0, good.stderr
+    bad = validate_stdin((FIXTURES / "invalid" / "many_errors.yaml").read_bytes())
+    assert bad.returncode == 1
+    assert bad.stderr.decode().startswith("<stdin>:")
+    huge = validate_stdin(b"# padding\n" * 20_000)
+    assert huge.returncode == 1 and b"larger than 128 KiB" in huge.stderr
+    assert b"Traceback" not in bad.stderr + huge.stderr
+
+
 def test_cli_schema_prints_json_schema() -> None:
     """`autoscaler schema` prints a JSON Schema in which pools are a mapping by name."""
     out = _cli("schema")

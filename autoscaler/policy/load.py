@@ -5,14 +5,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 from autoscaler.policy.model import DEFER_SEMANTIC_CHECKS, Policy, PoolPolicy, semantic_errors
-from autoscaler.policy.untrusted_yaml import Refusal, check_characters, decode_policy, load_yaml, read_policy_bytes
+from autoscaler.policy.untrusted_yaml import (
+    Refusal,
+    check_characters,
+    decode_policy,
+    load_yaml,
+    read_policy_bytes,
+    read_policy_stream,
+)
 
-__all__ = ["PolicyError", "Problem", "load_policy", "parse_policy", "parse_policy_bytes", "read_policy_file"]
+__all__ = [
+    "PolicyError", "Problem", "load_policy", "load_policy_stream", "parse_policy", "parse_policy_bytes",
+    "read_policy_file",
+]
 
 Loc = tuple[str | int, ...]
 MAX_LISTED = 100  # problems listed for one file; the rest are counted
@@ -55,6 +65,15 @@ def read_policy_file(path: str | Path) -> bytes:
         return read_policy_bytes(Path(path))
     except Refusal as exc:
         raise PolicyError([Problem(str(path), exc.line, "", exc.message)]) from exc
+
+
+def load_policy_stream(stream: BinaryIO, *, source: str = "<stdin>") -> Policy:
+    """Read and validate a policy from a stream (`validate -`), bounded like a file; raises PolicyError."""
+    try:
+        data = read_policy_stream(stream)
+    except Refusal as exc:
+        raise PolicyError([Problem(source, exc.line, "", exc.message)]) from exc
+    return parse_policy_bytes(data, source=source)
 
 
 def parse_policy_bytes(data: bytes, *, source: str = "<policy>") -> Policy:

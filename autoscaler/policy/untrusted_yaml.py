@@ -24,7 +24,7 @@ import stat
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ruamel.yaml import YAML
 from ruamel.yaml.composer import Composer
@@ -33,7 +33,10 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError, YAMLWarning
 from ruamel.yaml.events import AliasEvent, MappingStartEvent, ScalarEvent, SequenceStartEvent
 from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-__all__ = ["MAX_DEPTH", "MAX_NODES", "MAX_POLICY_BYTES", "Refusal", "decode_policy", "load_yaml", "read_policy_bytes"]
+__all__ = [
+    "MAX_DEPTH", "MAX_NODES", "MAX_POLICY_BYTES", "Refusal", "bounded", "decode_policy", "load_yaml",
+    "read_policy_bytes", "read_policy_stream",
+]
 
 MAX_POLICY_BYTES = 128 * 1024
 MAX_DEPTH = 64
@@ -76,6 +79,21 @@ def read_policy_bytes(path: Path) -> bytes:
             data = f.read(MAX_POLICY_BYTES + 1)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise Refusal(None, f"cannot read the policy file: {getattr(exc, 'strerror', None) or exc}") from exc
+    return bounded(data)
+
+
+def read_policy_stream(stream: BinaryIO) -> bytes:
+    """A policy read from a stream (`validate -`: a pipe, e.g. `docker run -i ... validate - <policy.yaml`),
+    at most MAX_POLICY_BYTES; raises Refusal. Only for a one-shot command: the watcher reads regular files."""
+    try:
+        data = stream.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise Refusal(None, f"cannot read the policy: {exc.strerror or exc}") from exc
+    return bounded(data)
+
+
+def bounded(data: bytes) -> bytes:
+    """`data` if it is at most MAX_POLICY_BYTES long; raises Refusal at the line that passes the bound."""
     if len(data) > MAX_POLICY_BYTES:
         line = len(_BREAK_BYTES.findall(data, 0, MAX_POLICY_BYTES)) + 1
         raise Refusal(
