@@ -287,6 +287,9 @@ REDIS_PASSWORD = env_secret("REDIS_PASSWORD", "")
 CELERY_BROKER_URL = redis_url_with_password(
     "CELERY_BROKER_URL", env_str("CELERY_BROKER_URL", "redis://redis:6379/0"), REDIS_PASSWORD
 )
+# Celery reads the variable CELERY_BROKER_URL itself, ahead of this setting (celery.app.utils.Settings): given
+# the compose files' URL without the password, every worker and the web would connect without it.
+os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 # The URL comes from RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND: Celery reads an environment variable
 # of that name itself and would let it override this setting. A Redis result store is used through
 # core/results.py (no pub/sub subscription per published task).

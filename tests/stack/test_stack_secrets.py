@@ -34,6 +34,11 @@ SHOW_REDIS = (
     "print(json.dumps([redis.connection.parse_url(url)['password'], url_to_parts(url).password, "
     "redis.connection.parse_url(results)['password'], redis.connection.parse_url(url)['host']]))"
 )
+# What Celery itself connects to: it reads CELERY_BROKER_URL from the environment ahead of the settings.
+SHOW_CELERY = (
+    "import json, django; django.setup(); from core.celery import app; "
+    "print(json.dumps(app.connection_for_write().as_uri(include_password=True)))"
+)
 
 
 def start(env: dict[str, str], show: str = SHOW) -> subprocess.CompletedProcess[str]:
@@ -120,3 +125,12 @@ def test_any_redis_password_reaches_both_clients_unchanged(password: str) -> Non
         return  # environment values are passed as they are; the file form strips a trailing newline only
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [password, password, password, "redis"]
+
+
+def test_celery_connects_with_the_password_the_compose_files_variable_names_no_password() -> None:
+    """stack/compose.yaml sets CELERY_BROKER_URL without the password, and Celery prefers that variable to the
+    setting: the workers connected without it (found by the e2e stack test)."""
+    password = "a/b@c%41:d" * 2
+    proc = start({**GOOD, "REDIS_PASSWORD": password, "CELERY_BROKER_URL": "redis://redis:6379/0"}, show=SHOW_CELERY)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == "redis://:a%2Fb%40c%2541%3Ada%2Fb%40c%2541%3Ad@redis:6379/0"
