@@ -83,7 +83,9 @@ def test_the_same_database_and_broker_settings(name: str) -> None:
     assert COMPOSE["services"][name]["healthcheck"] == SWARM["services"][name]["healthcheck"]
     if name != "db":  # the Redis servers' password on standard input, checked alike (issue 18, 3)
         assert COMPOSE["services"][name]["entrypoint"] == SWARM["services"][name]["entrypoint"]
-        assert COMPOSE["services"][name]["environment"] == SWARM["services"][name]["environment"]
+        assert set(COMPOSE["services"][name]["environment"]) == set(SWARM["services"][name]["environment"])
+        assert COMPOSE["services"][name]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+        assert SWARM["services"][name]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
 
 
 def test_db_setup_is_the_same_one_shot() -> None:
