@@ -10,8 +10,9 @@ import os
 import secrets
 import socket
 from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "SettingsError", "default_instance_id", "load_settings"]
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     state_redis_url: str | None = Field(
         default=None, description="where state and the leader lock live; default: redis_url"
     )
+    # Separate from the URLs, as a deployment passes secrets (Compose cannot URL-quote): put into them here.
+    redis_password: SecretStr | None = Field(default=None, description="the broker's password, if not in redis_url")
+    state_redis_password: SecretStr | None = Field(
+        default=None, description="the state Redis' password, if not in state_redis_url"
+    )
     instance_id: str = Field(
         default_factory=default_instance_id,
         description="this controller replica's name in the leader lock; default: hostname:pid:random, unique per "
@@ -73,7 +79,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator("dry_run", "interval", "leader_ttl", "state_redis_url", "docker_host", "compose_project",
-                     mode="before")
+                     "redis_password", "state_redis_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `AUTOSCALER_DRY_RUN=` (set but empty, as Compose's `${VAR:-}` gives) means "not set", not an error.
@@ -92,6 +98,29 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://, e.g. redis://redis:6379/0")
         return value
 
+    @model_validator(mode="after")
+    def _passwords_into_urls(self) -> Settings:
+        if self.redis_password is not None:
+            self.redis_url = with_password("AUTOSCALER_REDIS_URL", self.redis_url, self.redis_password)
+        if self.state_redis_password is not None:
+            if self.state_redis_url is None:
+                raise ValueError("AUTOSCALER_STATE_REDIS_PASSWORD is set but AUTOSCALER_STATE_REDIS_URL is not")
+            self.state_redis_url = with_password(
+                "AUTOSCALER_STATE_REDIS_URL", self.state_redis_url, self.state_redis_password
+            )
+        return self
+
+
+def with_password(name: str, url: str, password: SecretStr) -> str:
+    """`url` with `password` in its user part, URL-quoted so that any character means itself. A URL that has a
+    password already is refused: two of them would leave the reader guessing which one counts."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise ValueError(f"{name} has a password and {name.removesuffix('_URL')}_PASSWORD is set too: set one of them")
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password.get_secret_value(), safe='')}@{host}"))
+
 
 def load_settings(**overrides: Any) -> Settings:
     """The settings from the environment and `overrides` (flags); raises SettingsError naming each variable."""
@@ -100,9 +129,11 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            name = f"AUTOSCALER_{field.upper()}"
-            shown = os.environ.get(name, err.get("input"))
             message = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{name}={shown!r:.120}: {message}")
+            if not err["loc"]:  # a check across fields: its message names them, and shows no value (a password)
+                problems.append(message)
+                continue
+            name = f"AUTOSCALER_{str(err['loc'][0]).upper()}"
+            shown = "(hidden)" if name.endswith("_PASSWORD") else repr(os.environ.get(name, err.get("input")))
+            problems.append(f"{name}={shown:.120}: {message}")
         raise SettingsError(problems) from exc

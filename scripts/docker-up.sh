@@ -15,6 +15,7 @@
 # Environment:
 #   DOCKER_STORAGE_DRIVER  force a storage driver (e.g. vfs) for a new daemon
 #   DOCKERD_LOG            daemon log file (default /tmp/dockerd.log)
+#   DOCKERD_PIDFILE        the pid file of a daemon started here (default /var/run/docker.pid, dockerd's own)
 #   DOCKER_UP_TIMEOUT      seconds to wait for the daemon (default 60)
 #   DOCKER_UP_NO_INSTALL   1 = never install packages, fail saying what is missing
 set -euo pipefail
@@ -23,6 +24,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/lib.sh"
 
 DOCKERD_LOG=${DOCKERD_LOG:-/tmp/dockerd.log}
+DOCKERD_PIDFILE=${DOCKERD_PIDFILE:-/var/run/docker.pid}
 DOCKER_UP_TIMEOUT=${DOCKER_UP_TIMEOUT:-60}
 
 log() { printf '[docker-up] %s\n' "$*" >&2; }
@@ -107,16 +109,19 @@ start_dockerd() {
     [ -n "$driver" ] && args+=(--storage-driver="$driver")
     log "starting dockerd ${args[*]:-(default storage driver)} (log: $DOCKERD_LOG)"
     # setsid + nohup: the daemon must outlive this script and its caller.
-    as_root setsid nohup dockerd ${args[@]+"${args[@]}"} >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    as_root setsid nohup dockerd --pidfile "$DOCKERD_PIDFILE" ${args[@]+"${args[@]}"} >>"$DOCKERD_LOG" 2>&1 </dev/null &
 }
 
 stop_our_dockerd() {
-    local pid
-    for pid in $(grep -lsx dockerd /proc/[0-9]*/comm | cut -d/ -f3); do
-        as_root kill "$pid" 2>/dev/null || true
-    done
-    local _
-    for _ in $(seq 1 20); do dockerd_running || return 0; sleep 0.5; done
+    # Only the daemon started above, named by its pid file (dockerd writes it first thing), and only if that
+    # process is a dockerd: any other one on this machine (another engine, one inside a container, whose
+    # processes show in this /proc too) is not ours to stop.
+    local pid _
+    pid=$(as_root cat "$DOCKERD_PIDFILE" 2>/dev/null || true)
+    case "$pid" in ''|*[!0-9]*) return 0 ;; esac
+    grep -qsx dockerd "/proc/$pid/comm" || return 0
+    as_root kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do pid_alive "$pid" || return 0; sleep 0.5; done
 }
 
 fail_daemon() {

@@ -180,7 +180,8 @@ set_up_env() {
      mv "$file.tmp" "$file")
 }
 
-# The stack's secrets: the environment's (load_up_env has read .autoscaler/up.env), else new random ones.
+# The stack's secrets: the environment's (load_up_env has read .autoscaler/up.env), else new random ones
+# (DJANGO_SECRET_KEY, DB_PASSWORD, DB_ADMIN_PASSWORD, REDIS_PASSWORD, STATE_REDIS_PASSWORD).
 # A stack from before the app had its own database role used DB_PASSWORD for the superuser too: its volume
 # was created with it, so it stays the superuser's password. Usage: ensure_secrets ROOT
 ensure_secrets() {
@@ -194,4 +195,13 @@ ensure_secrets() {
     export DJANGO_SECRET_KEY=${DJANGO_SECRET_KEY:-$(random_secret 32)}
     export DB_PASSWORD=${DB_PASSWORD:-$(random_secret 16)}
     export DB_ADMIN_PASSWORD=${DB_ADMIN_PASSWORD:-$(random_secret 16)}
+    # The stack's Redis servers (broker, results) and the autoscaler's state store: added to an up.env
+    # written before they had passwords. They reach redis-server as a config line: a restricted alphabet.
+    export REDIS_PASSWORD=${REDIS_PASSWORD:-$(random_secret 16)}
+    export STATE_REDIS_PASSWORD=${STATE_REDIS_PASSWORD:-$(random_secret 16)}
+    case "$REDIS_PASSWORD$STATE_REDIS_PASSWORD" in
+        *[!A-Za-z0-9._~+/=-]*)
+            echo "REDIS_PASSWORD / STATE_REDIS_PASSWORD: use letters, digits and ._~+/=- only" >&2
+            return 1 ;;
+    esac
 }

@@ -81,6 +81,11 @@ def test_one_web_so_that_the_connection_arithmetic_holds() -> None:
 def test_the_same_database_and_broker_settings(name: str) -> None:
     assert words(COMPOSE["services"][name]["command"]) == words(SWARM["services"][name]["command"])
     assert COMPOSE["services"][name]["healthcheck"] == SWARM["services"][name]["healthcheck"]
+    if name != "db":  # the Redis servers' password on standard input, checked alike (issue 18, 3)
+        assert COMPOSE["services"][name]["entrypoint"] == SWARM["services"][name]["entrypoint"]
+        assert set(COMPOSE["services"][name]["environment"]) == set(SWARM["services"][name]["environment"])
+        assert COMPOSE["services"][name]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+        assert SWARM["services"][name]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
 
 
 def test_db_setup_is_the_same_one_shot() -> None:
@@ -90,8 +95,9 @@ def test_db_setup_is_the_same_one_shot() -> None:
 
 
 def test_no_default_secret_in_either_file() -> None:
-    for text in ((ROOT / "stack" / "compose.yaml").read_text(), (ROOT / "deploy" / "swarm-stack.yaml").read_text()):
-        for name in ("DJANGO_SECRET_KEY", "DB_PASSWORD", "DB_ADMIN_PASSWORD"):
+    for path in ("stack/compose.yaml", "deploy/swarm-stack.yaml", "deploy/compose.yaml"):
+        text = (ROOT / path).read_text()
+        for name in ("DJANGO_SECRET_KEY", "DB_PASSWORD", "DB_ADMIN_PASSWORD", "REDIS_PASSWORD", "STATE_REDIS_PASSWORD"):
             for match in re.finditer(r"\$\{" + name + r"(:?[-?])?", text):
                 assert match.group(1) == ":?", f"${{{name}...}} must be required (:?), not defaulted"
 

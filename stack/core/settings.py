@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -74,6 +74,7 @@ def env_secret(name: str, default: str | None = None) -> str:
 # read them, so outside the explicit development mode they are refused (README.md, "Secrets").
 KNOWN_DEV_SECRETS = frozenset({
     "dev-only-insecure-secret-key-change-me", "postgres", "password", "secret", "changeme", "change-me",
+    "dev-only-insecure-redis-password",
 })
 
 
@@ -254,14 +255,49 @@ QUEUE_CPU = "cpu_intensive"
 QUEUE_IO = "io_intensive"
 QUEUES = (QUEUE_FAST, QUEUE_CPU, QUEUE_IO)
 
+def redis_url_with_password(name: str, url: str, password: str) -> str:
+    """`url` with the Redis password in it, URL-quoted (a '/', '@' or '%' in it must not change the URL's
+    meaning). The password comes from REDIS_PASSWORD (or _FILE), or from the URL itself, not from both; outside
+    the development mode a Redis URL without one, or with a published or short one, is refused."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"redis", "rediss"}:
+        return url  # memory://, cache+memory:// (the test suite): no server to authenticate to
+    if parts.password is not None and password:
+        raise ImproperlyConfigured(f"{name} has a password and REDIS_PASSWORD is set too: set one of them")
+    if not password:
+        password = unquote(parts.password or "")
+        if not password and not DEV_MODE:
+            raise ImproperlyConfigured(
+                f"{name}: the stack's Redis needs a password: set REDIS_PASSWORD (scripts/up generates one), or "
+                "STACK_DEV_MODE=1 for a local development stack"
+            )
+        refuse_known_secret(f"{name}'s password", password, min_length=16)
+        return url
+    refuse_known_secret("REDIS_PASSWORD", password, min_length=16)
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+# The password of the stack's two Redis servers (the broker and the result store): a separate variable, as
+# DB_PASSWORD is, put into the URLs here, quoted.
+REDIS_PASSWORD = env_secret("REDIS_PASSWORD", "")
+
 # Service names, never localhost (the seed's "Docker Networking Failures").
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://redis:6379/0")
+CELERY_BROKER_URL = redis_url_with_password(
+    "CELERY_BROKER_URL", env_str("CELERY_BROKER_URL", "redis://redis:6379/0"), REDIS_PASSWORD
+)
+# Celery reads the variable CELERY_BROKER_URL itself, ahead of this setting (celery.app.utils.Settings): given
+# the compose files' URL without the password, every worker and the web would connect without it.
+os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 # The URL comes from RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND: Celery reads an environment variable
 # of that name itself and would let it override this setting. A Redis result store is used through
 # core/results.py (no pub/sub subscription per published task).
 if "CELERY_RESULT_BACKEND" in os.environ:
     raise ImproperlyConfigured("set RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND (see core/results.py)")
-_RESULT_BACKEND_URL = env_str("RESULT_BACKEND_URL", "redis://redis-results:6379/0")
+_RESULT_BACKEND_URL = redis_url_with_password(
+    "RESULT_BACKEND_URL", env_str("RESULT_BACKEND_URL", "redis://redis-results:6379/0"), REDIS_PASSWORD
+)
 CELERY_RESULT_BACKEND = (
     f"core.results:KeyOnlyRedisBackend+{_RESULT_BACKEND_URL}"
     if _RESULT_BACKEND_URL.startswith(("redis://", "rediss://"))

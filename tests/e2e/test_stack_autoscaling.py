@@ -205,7 +205,8 @@ class Stack:
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis(host="127.0.0.1", port=self.port("redis", 6379), socket_timeout=5)
+            self._redis = redis.Redis(host="127.0.0.1", port=self.port("redis", 6379), socket_timeout=5,
+                                      password=self.env["REDIS_PASSWORD"])
         return self._redis
 
     def depths(self) -> tuple[dict[str, int], int]:
@@ -466,7 +467,8 @@ def stack(docker_setup: Any, figures: Any) -> Iterator[Stack]:
     env["DOCKER_GID"] = str(docker_setup.socket_gid)
     # The stack starts with no default secret (stack/compose.yaml): fresh random ones, as scripts/up makes.
     env.update(DJANGO_SECRET_KEY=secrets.token_hex(32), DB_PASSWORD=secrets.token_hex(16),
-               DB_ADMIN_PASSWORD=secrets.token_hex(16))
+               DB_ADMIN_PASSWORD=secrets.token_hex(16), REDIS_PASSWORD=secrets.token_hex(16),
+               STATE_REDIS_PASSWORD=secrets.token_hex(16))
     metrics_port = free_port()
     env["AUTOSCALER_METRICS_PORT"] = str(metrics_port)  # deploy/compose.yaml binds 127.0.0.1:<this>:9419
     s = Stack(

@@ -5,7 +5,9 @@ with seconds-long cooldowns) builds the images, initialises the swarm if needed,
 deploy/swarm-stack.yaml (as a stack named for this run, SWARM_STACK; plus the no-IPVS file where the kernel
 has none) and waits for the migrations and every service. Then a burst takes <stack>_worker-fast from 2 to
 10 and back to 2 with every task completed once; an edit of the policy rolls out as a new Swarm config;
-`scripts/swarm-up --down` removes the stack. The swarm is left again only if this test created it.
+`scripts/swarm-up --down` removes the stack. The swarm is left again only if this test created it and
+nothing else runs on this engine (on Docker 20.10 `swarm leave --force` detaches running containers from
+their networks: tests/docker/test_swarm_backend.py). The test touches only its own stack's configs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +36,7 @@ POLICY = Path(__file__).resolve().parent / "swarm-policy.yaml"
 # developer's own "celery" stack can meet it. The policy copy targets its services.
 STACK = f"astest{uuid.uuid4().hex[:6]}"
 BURST = 1500
+OWN = {"label": f"com.docker.stack.namespace={STACK}"}
 
 
 def _run(args: list[str], env: dict[str, str], *, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -111,10 +115,16 @@ def swarm(docker_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                        what="the stack's containers to be removed")
         for volume in client.volumes.list(filters=in_stack):
             volume.remove(force=True)
-        for config in client.configs.list(filters={"name": "autoscaler_policy_"}):
-            config.remove()
+        for config in client.configs.list(filters=OWN):
+            with contextlib.suppress(docker.errors.NotFound):
+                config.remove()
         if not was_in_swarm:
-            client.swarm.leave(force=True)
+            others = sorted(str(c.name) for c in client.containers.list())
+            if others:
+                sys.stderr.write(f"\n[swarm] left this engine in swarm mode: leaving would cut {others} off their "
+                                 "networks\n")
+            else:
+                client.swarm.leave(force=True)
 
 
 def test_swarm_up_deploys_the_stack_migrated_with_one_leader(swarm: SwarmStack) -> None:
@@ -164,12 +174,12 @@ def test_a_burst_scales_fast_2_to_10_to_2_and_every_task_runs_once(swarm: SwarmS
 
 def test_a_policy_edit_rolls_out_as_a_new_config(swarm: SwarmStack) -> None:
     """Swarm configs are immutable: a changed policy gets a new config name, and the old one is removed."""
-    before = {c.name for c in swarm.client.configs.list(filters={"name": "autoscaler_policy_"})}
+    before = {c.name for c in swarm.client.configs.list(filters={**OWN, "name": "autoscaler_policy_"})}
     swarm.policy.write_text(swarm.policy.read_text().replace("max: 4", "max: 5"))
     proc = swarm.up()
     assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
     configs = swarm.service("autoscaler")["Spec"]["TaskTemplate"]["ContainerSpec"]["Configs"]
     names = {c["ConfigName"] for c in configs}
-    after = {c.name for c in swarm.client.configs.list(filters={"name": "autoscaler_policy_"})}
+    after = {c.name for c in swarm.client.configs.list(filters={**OWN, "name": "autoscaler_policy_"})}
     assert len(names) == 1 and names.isdisjoint(before), (names, before)
     assert after == names, f"old policy configs left behind: {after - names}"

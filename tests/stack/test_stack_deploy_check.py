@@ -20,7 +20,7 @@ STACK_DIR = Path(__file__).resolve().parents[2] / "stack"
 def test_check_deploy_passes_on_the_production_settings() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DB_", "DATABASE_", "STACK_"))}
     env = {**base, "DJANGO_SETTINGS_MODULE": "core.settings", "DJANGO_SECRET_KEY": secrets.token_hex(32),
-           "DB_PASSWORD": secrets.token_hex(16), "DJANGO_DEBUG": "0"}
+           "DB_PASSWORD": secrets.token_hex(16), "REDIS_PASSWORD": secrets.token_hex(16), "DJANGO_DEBUG": "0"}
     proc = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
                           cwd=STACK_DIR, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

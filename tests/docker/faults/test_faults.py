@@ -25,6 +25,7 @@ import pytest
 import redis
 from docker.models.containers import Container
 from dockertest import wait_until
+from engine import PID_FILE, SOCKET, daemon_serving
 from rig import Report, Rig, Tally, reversals
 
 from autoscaler.publish_guard import PublishGuard
@@ -311,11 +312,6 @@ def test_redis_full_publishing_stops_before_the_broker_does(rig: Rig, fault_repo
     assert reversals(actions) <= 1, actions
 
 
-def _dockerd() -> int | None:
-    found = subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True, check=False).stdout.strip()
-    return int(found) if found else None
-
-
 def _engine_answers() -> bool:
     # The CLI, not docker-py: a client of this process that fails to connect leaves a socket behind, which
     # pytest reports as an unraisable exception in a later test.
@@ -334,8 +330,9 @@ def test_dockerd_restarts_mid_scale_up(rig: Rig, fault_report: Report) -> None:
     rig.publish(BURST, SECONDS)
     wait_until(lambda: len(rig.project.containers("worker")) > 1 or None, timeout=60,
                what="the scale-up to begin", interval=0.1)
-    pid = _dockerd()
-    assert pid is not None, "no dockerd process on this machine"
+    # Only the daemon this engine's socket belongs to: another dockerd on the machine is not ours to stop.
+    pid = daemon_serving()
+    assert pid is not None, f"cannot tell which dockerd serves {SOCKET} (by {PID_FILE}): not stopping any"
     stopped = time.monotonic()
     os.kill(pid, signal.SIGTERM)
     try:
