@@ -727,15 +727,14 @@ def test_the_controllers_records_are_out_of_the_brokers_reach(stack: Stack) -> N
 
 def test_the_doctor_finds_nothing_wrong_with_the_shipped_stack(stack: Stack) -> None:
     """Issue 20: `autoscaler doctor` in a one-off container of the autoscaler service (its broker, its Docker
-    through the socket proxy, its own project) exits 0. The one WARN allowed: the broker has no password (it
-    is reachable on the stack's private network only). Run before the proxy test, which then also shows that
-    the proxy refused none of the doctor's calls."""
+    through the socket proxy, its own project) exits 0 with every check a PASS (the broker has its password
+    now). Run before the proxy test, which then also shows that the proxy refused none of the doctor's calls."""
     proc = stack.compose("run", "--rm", "--no-deps", "-T", "autoscaler", "doctor", "--json", "--web-connections",
                          "16", timeout=120, check=False)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     problems = [f for f in report["findings"] if f["status"] != "PASS"]
     assert proc.returncode == 0, (proc.stderr[-2000:], problems)
-    assert [f["check"] for f in problems] == ["password"], problems
+    assert problems == [], problems
     checks = {f["check"] for f in report["findings"]}
     assert {"eviction policy", "persistence", "address", "DJANGO_SETTINGS_MODULE web vs workers", "memory in use",
             "child recycling", "pool consumes its queues", "eager mode (worker conf)", "prefetch hoarding"} <= checks
