@@ -353,9 +353,10 @@ def test_dockerd_restarts_mid_scale_up(rig: Rig, fault_report: Report) -> None:
     back = time.monotonic()
     recovered = wait_until(lambda: controller.first(r"pool fast current=\d+ desired=\d+", after=back),
                            timeout=120, what="the controller's first decision with the engine back")
-    # Longer than kombu's unacked_mutex_expire (300 s): a worker stopped with the engine while it held the
-    # broker's unacked-restore mutex (persisted by AOF) keeps every worker from restoring the in-flight task
-    # until the mutex expires. Seen once in CI (the task came back later than 300 s); the task is never lost.
+    # Longer than kombu's unacked_mutex_expire (300 s). A full run once timed out here at 300 s with the
+    # queue empty (a rerun passed in 40 s); the likely cause: a worker stopped with the engine while holding
+    # the broker's unacked-restore mutex (persisted by AOF) keeps every worker from restoring the in-flight
+    # task until that mutex expires.
     tally = rig.wait_all_done(420)
     _back_down(rig, timeout=240)
     states = [c.status for c in rig.project.containers("worker")]
