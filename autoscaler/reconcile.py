@@ -138,20 +138,20 @@ class PoolReconcile:
         try:
             if self.actions is not None and self.actions.busy(pool.name):
                 # Its action's own state write records it; deciding again now would act on a count in flux.
-                assert self.states is not None
-                state = self.states.get(pool.name, PoolState())
-                return PoolReport(decision=Decision(pool.name, None, None, "action under way: holding", state),
-                                  queues=())
+                return self._holding(pool, "action under way: holding")
             return self._reconcile(pool, queues, metric_error, actuator, now, early=early)
         except Exception as exc:
             self.metrics.pool_errors.labels(pool.name).inc()
             logger.opt(exception=exc).bind(pool=pool.name, error=str(exc)).error(
                 "pool {}: unexpected error ({}: {}); holding this tick", pool.name, type(exc).__name__, exc
             )
-            assert self.states is not None
-            state = self.states.get(pool.name, PoolState())
-            reason = f"internal error ({type(exc).__name__}: {exc}); holding"
-            return PoolReport(decision=Decision(pool.name, None, None, reason, state), queues=())
+            return self._holding(pool, f"internal error ({type(exc).__name__}: {exc}); holding")
+
+    def _holding(self, pool: PoolPolicy, reason: str) -> PoolReport:
+        """A pool left as it is this pass: no count read, its stored state unchanged."""
+        assert self.states is not None
+        state = self.states.get(pool.name, PoolState())
+        return PoolReport(decision=Decision(pool.name, None, None, reason, state), queues=())
 
     def _reconcile(
         self,

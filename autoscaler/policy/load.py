@@ -64,7 +64,7 @@ def read_policy_file(path: str | Path) -> bytes:
     try:
         return read_policy_bytes(Path(path))
     except Refusal as exc:
-        raise PolicyError([Problem(str(path), exc.line, "", exc.message)]) from exc
+        raise _refused(str(path), exc) from exc
 
 
 def load_policy_stream(stream: BinaryIO, *, source: str = "<stdin>") -> Policy:
@@ -72,7 +72,7 @@ def load_policy_stream(stream: BinaryIO, *, source: str = "<stdin>") -> Policy:
     try:
         data = read_policy_stream(stream)
     except Refusal as exc:
-        raise PolicyError([Problem(source, exc.line, "", exc.message)]) from exc
+        raise _refused(source, exc) from exc
     return parse_policy_bytes(data, source=source)
 
 
@@ -81,8 +81,13 @@ def parse_policy_bytes(data: bytes, *, source: str = "<policy>") -> Policy:
     try:
         text = decode_policy(data)
     except Refusal as exc:
-        raise PolicyError([Problem(source, exc.line, "", exc.message)]) from exc
+        raise _refused(source, exc) from exc
     return parse_policy(text, source=source)
+
+
+def _refused(source: str, refusal: Refusal) -> PolicyError:
+    """A refusal of the file's bytes (not of a field), as the one located problem it is."""
+    return PolicyError([Problem(source, refusal.line, "", refusal.message)])
 
 
 def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
